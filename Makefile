@@ -1,0 +1,34 @@
+# Two entry points for people: `make run` and `make test`. Both rest on `make install`, which is
+# idempotent and builds everything in .venv at the repository root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := orthanc dcmtk dicom3tools dcm2niix
+CONFIG ?= deploy/example.toml
+
+.PHONY: install system-packages run test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Real peers for the tests: Orthanc as the PACS, DCMTK as modalities, dicom3tools to validate.
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+run: install
+	$(BIN)/dicom-node serve --config $(CONFIG)
+
+test: install system-packages
+	$(BIN)/python -m pytest

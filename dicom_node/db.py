@@ -1,0 +1,177 @@
+"""The one database that holds all state: studies, series, instances, jobs, results, deliveries.
+
+Every stage of the flow reads its input here and records its output here, in one transaction
+with the state change, so a stop at any moment leaves a consistent picture to resume from.
+SQLite in WAL mode is the embedded default; timestamps are UNIX seconds (float) so that every
+backend compares them the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    insert,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+metadata = MetaData()
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_uid", String(64), primary_key=True),
+    Column("patient_id", String(64)),
+    Column("patient_name", String(324)),
+    Column("accession_number", String(16)),
+    Column("study_date", String(8)),
+    Column("study_description", String(64)),
+    # 'receiving' until the quiet period passes, then 'complete'; the rest of a study's state
+    # (queued, running, done, failed) is read from its jobs and deliveries.
+    Column("state", String(16), nullable=False),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("completed_at", Float),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_uid", String(64), primary_key=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("modality", String(16)),
+    Column("series_number", Integer),
+    Column("series_description", String(64)),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("series_uid", ForeignKey("series.series_uid"), nullable=False, index=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("calling_ae", String(16)),
+    Column("received_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("pipeline", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # queued, running, done, failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_until", Float),
+    Column("worker", String(128)),
+    Column("reason", Text),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Index("ix_jobs_state", "state", "created_at"),
+)
+
+results = Table(
+    "results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("kind", String(8), nullable=False),  # SEG, SR
+    Column("sop_instance_uid", String(64), nullable=False, unique=True),
+    Column("series_uid", String(64), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("result_id", ForeignKey("results.id"), nullable=False),
+    Column("destination", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # pending, sent
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("not_before", Float, nullable=False),
+    Column("last_error", Text),
+    Column("sent_at", Float),
+    UniqueConstraint("result_id", "destination"),
+    Index("ix_deliveries_state", "state", "not_before"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("study_uid", String(64), index=True),
+    Column("level", String(8), nullable=False),
+    Column("message", Text, nullable=False),
+)
+
+
+def now() -> float:
+    return time.time()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Autocommit at the driver level so that SQLAlchemy's "begin" below decides the locking:
+    # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers wait on busy_timeout
+    # instead of failing mid-transaction with "database is locked".
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def connect(url: str) -> Engine:
+    """An engine with the schema in place; safe to call from every process of the node."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+    metadata.create_all(engine, checkfirst=True)
+    return engine
+
+
+def upsert(engine: Engine, table: Table):
+    """An INSERT that can take ON CONFLICT clauses on the engine's backend."""
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table)
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return insert(table)
+
+
+def log_event(connection, study_uid: str | None, level: str, message: str) -> None:
+    """Record what an operator needs to see in `dicom-node status`."""
+    connection.execute(
+        events.insert().values(at=now(), study_uid=study_uid, level=level, message=message)
+    )
