@@ -1,0 +1,1 @@
+"""Scripts of the ct_body_demo bundle: phantom generation and training."""
