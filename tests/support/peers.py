@@ -1,0 +1,210 @@
+"""Real peers for tests: an Orthanc PACS and the node itself, each as a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK (and Orthanc, built on it) is slow on loopback without TCP_NODELAY."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Orthanc:
+    """A throw-away Orthanc playing the hospital PACS."""
+
+    process: subprocess.Popen
+    http_port: int
+    dicom_port: int
+    ae_title: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def request(self, method: str, path: str, body: bytes | dict | list | None = None, timeout: float = 120):
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            content = response.read()
+        if response.headers.get_content_type() == "application/json":
+            return json.loads(content)
+        return content
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def upload(self, paths: list[Path]) -> str:
+        """Store files as if a modality had sent them; returns Orthanc's study id."""
+        study_id = ""
+        for path in paths:
+            study_id = self.request("POST", "/instances", path.read_bytes())["ParentStudy"]
+        return study_id
+
+    def alive(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_orthanc(workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC") -> Orthanc:
+    if shutil.which("Orthanc") is None:
+        raise RuntimeError("Orthanc is not installed: run `make test`, which installs the system packages")
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "test-pacs",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "storage"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ae_title,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": True,
+        "DicomModalities": modalities,
+        "Plugins": [],
+        "StableAge": 2,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log_path = workdir / "orthanc.log"
+    process = subprocess.Popen(
+        ["Orthanc", str(config_path)],
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        env=dcmtk_env(),
+    )
+    orthanc = Orthanc(process, http_port, dicom_port, ae_title, log_path)
+    try:
+        wait_for(orthanc.alive, 60, "Orthanc's REST API")
+    except TimeoutError:
+        orthanc.stop()
+        raise RuntimeError(f"Orthanc did not start; see {log_path}:\n{log_path.read_text()[-3000:]}")
+    return orthanc
+
+
+@dataclass
+class Node:
+    """The node under test, started the way an operator starts it."""
+
+    process: subprocess.Popen
+    config_path: Path
+    port: int
+    ae_title: str
+    log_path: Path
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"dicom-node {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def echo(self) -> bool:
+        result = subprocess.run(
+            ["echoscu", "-aec", self.ae_title, "127.0.0.1", str(self.port)],
+            capture_output=True,
+            env=dcmtk_env(),
+            timeout=30,
+        )
+        return result.returncode == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def write_node_config(workdir: Path, port: int, destinations: list[dict], pipelines: list[dict], **node) -> Path:
+    """A TOML configuration, written by hand so the test exercises the operator's format."""
+
+    def value(v) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    lines = ["[node]", f"port = {port}", f"data_dir = {value(str(workdir / 'data'))}"]
+    lines += [f"{k} = {value(v)}" for k, v in node.items()]
+    for destination in destinations:
+        lines += ["", "[[destinations]]"] + [f"{k} = {value(v)}" for k, v in destination.items()]
+    for pipeline in pipelines:
+        select = pipeline.get("select", {})
+        lines += ["", "[[pipelines]]"]
+        lines += [f"{k} = {value(v)}" for k, v in pipeline.items() if k != "select"]
+        lines += ["[pipelines.select]"] + [f"{k} = {value(v)}" for k, v in select.items()]
+    path = workdir / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_node(config_path: Path, port: int, ae_title: str = "DICOMNODE") -> Node:
+    log_path = config_path.parent / "node.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config_path)],
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    node = Node(process, config_path, port, ae_title, log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the node exited with {process.returncode}:\n{node.log()[-3000:]}")
+        return node.echo()
+
+    wait_for(ready, 60, "the node to answer C-ECHO")
+    return node
