@@ -186,6 +186,7 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
         lines += ["", "[[pipelines]]"]
         lines += [f"{k} = {value(v)}" for k, v in pipeline.items() if k != "select"]
         lines += ["[pipelines.select]"] + [f"{k} = {value(v)}" for k, v in select.items()]
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "node.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

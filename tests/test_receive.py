@@ -1,0 +1,94 @@
+"""The listener as a PACS or modality meets it: DCMTK tools against the node process."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless, UID_dictionary
+
+from dicom_node.receive import storage_sop_classes
+from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
+from tests.support.peers import dcmtk_env, start_node, write_node_config
+
+STORESCU_PROFILE = Path(__file__).parent / "support" / "storescu-all-syntaxes.cfg"
+# DCMTK command that makes each compressed copy; JPEG 2000 is encoded by pydicom (openjpeg).
+ENCODERS = {
+    "deflated": ["dcmconv", "+td"],
+    "rle": ["dcmcrle"],
+    "jpeg-baseline": ["dcmcjpeg", "+eb"],
+    "jpeg-extended": ["dcmcjpeg", "+ee"],
+    "jpeg-lossless-14": ["dcmcjpeg", "+el"],
+    "jpeg-lossless-sv1": ["dcmcjpeg", "+e1"],
+    "jpeg-ls": ["dcmcjpls"],
+}
+
+
+@pytest.fixture
+def node(tmp_path, node_port):
+    config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=[], stable_after=60)
+    started = start_node(config, node_port)
+    yield started
+    started.stop()
+
+
+def stored_rows(node) -> dict[str, tuple[str, str]]:
+    database = node.config_path.parent / "data" / "dicom-node.sqlite"
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("SELECT sop_instance_uid, transfer_syntax_uid, path FROM instances").fetchall()
+    return {uid: (syntax, path) for uid, syntax, path in rows}
+
+
+def test_every_storage_sop_class_pydicom_knows_is_accepted():
+    known = {
+        uid for uid, (name, kind, *_) in UID_dictionary.items()
+        if kind == "SOP Class" and name.endswith("Storage")
+    }
+    assert known <= set(storage_sop_classes())
+
+
+def test_every_transfer_syntax_is_stored_as_received(tmp_path, node):
+    phantom = make_phantom((64, 64, 1), (2.0, 2.0, 2.0), seed=2)
+    original = write_series(ct_series(phantom, StudyInfo(), 1, "source"), tmp_path / "source")[0]
+    copies = {"explicit-little": original}
+    for name, command in ENCODERS.items():
+        target = tmp_path / f"{name}.dcm"
+        subprocess.run([*command, str(original), str(target)], check=True, capture_output=True)
+        copies[name] = target
+    j2k = pydicom.dcmread(original)
+    j2k.compress(JPEG2000Lossless)
+    copies["jpeg-2000"] = tmp_path / "jpeg-2000.dcm"
+    j2k.save_as(copies["jpeg-2000"])
+    for copy in copies.values():  # distinct instances, so each is stored in its own file
+        ds = pydicom.dcmread(copy)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(copy)
+
+    # One presentation context per syntax, so storescu sends each file as it is, as a modality
+    # sending compressed data does.
+    result = subprocess.run(
+        ["storescu", "-xf", str(STORESCU_PROFILE), "AsIs", "-aec", node.ae_title, "127.0.0.1", str(node.port),
+         *map(str, copies.values())],
+        capture_output=True, text=True, env=dcmtk_env(),
+    )
+    assert result.returncode == 0, result.stderr
+
+    rows = stored_rows(node)
+    for name, copy in copies.items():
+        sent = pydicom.dcmread(copy)
+        syntax, path = rows[sent.SOPInstanceUID]
+        assert syntax == sent.file_meta.TransferSyntaxUID, name
+        stored = pydicom.dcmread(path)
+        assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID, name
+        assert stored.PixelData == sent.PixelData, f"{name}: pixel data was re-encoded"
+
+
+def test_echo_answers_and_a_wrong_called_ae_title_is_rejected(node):
+    assert node.echo()
+    wrong = subprocess.run(
+        ["echoscu", "-aec", "NOTTHENODE", "127.0.0.1", str(node.port)], capture_output=True, env=dcmtk_env()
+    )
+    assert wrong.returncode != 0
