@@ -33,7 +33,7 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
-from monai.utils import set_determinism
+from monai.utils import SpaceKeys, set_determinism
 
 BUNDLE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(BUNDLE))
@@ -58,7 +58,7 @@ def as_loaded(array: np.ndarray, affine: torch.Tensor) -> MetaTensor:
     return MetaTensor(
         torch.from_numpy(np.ascontiguousarray(array)),
         affine=affine,
-        meta={"original_channel_dim": "no_channel", "original_affine": affine.clone()},
+        meta={"original_channel_dim": "no_channel", "original_affine": affine.clone(), "space": SpaceKeys.RAS},
     )
 
 

@@ -1,0 +1,149 @@
+"""MONAI bundles: loaded once per worker, run on in-memory volumes.
+
+A bundle from the Model Zoo runs unmodified: its own ``preprocessing``, ``inferer`` and
+``postprocessing`` are parsed by MONAI's bundle parser and used as they are, except that the
+file-based steps (LoadImage, SaveImage) are taken out, because the volume arrives from the
+node already in memory with its geometry, and the result goes back to the node, not to disk.
+The volume is handed over exactly as LoadImage would have produced it (RAS affine, no channel
+axis), so the bundle's own ``Invertd`` brings the prediction back onto the source grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImage, LoadImaged, SaveImage, SaveImaged
+from monai.utils import SpaceKeys
+
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+FILE_TRANSFORMS = (LoadImage, LoadImaged, SaveImage, SaveImaged)
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be loaded or run; the message is shown to the operator."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    name: str
+    version: str
+    labels: dict[int, str]  # output label value -> name, background excluded
+    description: str
+
+
+def read_bundle_info(bundle_dir: Path) -> BundleInfo:
+    """Name, version and label names from ``configs/metadata.json``."""
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    outputs = metadata.get("network_data_format", {}).get("outputs", {})
+    output = outputs.get("pred") or next(iter(outputs.values()), {})
+    channel_def = output.get("channel_def", {})
+    labels = {
+        int(value): str(name)
+        for value, name in channel_def.items()
+        if int(value) != 0 and str(name).lower() != "background"
+    }
+    return BundleInfo(
+        name=str(metadata.get("name", bundle_dir.name)),
+        version=str(metadata.get("version", "0")),
+        labels=labels,
+        description=str(metadata.get("description", "")),
+    )
+
+
+def choose_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _without_file_transforms(transform: Compose) -> Compose:
+    # In place: Invertd holds a reference to this very Compose and must see the same list.
+    transform.transforms = tuple(t for t in transform.transforms if not isinstance(t, FILE_TRANSFORMS))
+    return transform
+
+
+def _config_file(bundle_dir: Path) -> Path:
+    for name in ("inference.json", "inference.yaml", "inference.yml"):
+        candidate = bundle_dir / "configs" / name
+        if candidate.exists():
+            return candidate
+    raise BundleError(f"{bundle_dir} has no configs/inference.json or .yaml")
+
+
+def _load_weights(bundle_dir: Path, parser: ConfigParser, device: torch.device) -> torch.nn.Module:
+    torchscript = bundle_dir / "models" / "model.ts"
+    checkpoint = bundle_dir / "models" / "model.pt"
+    if checkpoint.exists():
+        network = parser.get_parsed_content("network_def").to(device)
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        network.load_state_dict(state)
+        return network
+    if torchscript.exists():
+        return torch.jit.load(str(torchscript), map_location=device)
+    raise BundleError(f"{bundle_dir} has neither models/model.pt nor models/model.ts")
+
+
+class Bundle:
+    """One loaded bundle: network, transforms and inferer, ready for many volumes."""
+
+    def __init__(self, bundle_dir: Path, device: torch.device) -> None:
+        self.bundle_dir = bundle_dir
+        self.device = device
+        self.info = read_bundle_info(bundle_dir)
+        if str(bundle_dir) not in sys.path:
+            sys.path.insert(0, str(bundle_dir))  # a bundle's own scripts/ package
+        parser = ConfigParser()
+        parser.read_config(_config_file(bundle_dir))
+        parser["bundle_root"] = str(bundle_dir)
+        parser["device"] = device
+        self.image_key = parser.get("image_key", "image")
+        self.network = _load_weights(bundle_dir, parser, device).eval()
+        self.preprocessing = _without_file_transforms(parser.get_parsed_content("preprocessing"))
+        self.postprocessing = _without_file_transforms(parser.get_parsed_content("postprocessing"))
+        self.inferer = parser.get_parsed_content("inferer")
+        log.info("loaded bundle %s %s on %s", self.info.name, self.info.version, device)
+
+    def _as_loaded(self, volume: Volume) -> MetaTensor:
+        affine = torch.as_tensor(volume.affine_ras, dtype=torch.float64)
+        return MetaTensor(
+            torch.from_numpy(volume.array),
+            affine=affine,
+            meta={
+                "original_affine": affine.clone(),
+                "spatial_shape": np.asarray(volume.array.shape),
+                "original_channel_dim": "no_channel",
+                "filename_or_obj": str(volume.sources[0].SeriesInstanceUID),
+                "space": SpaceKeys.RAS,  # say so explicitly: Orientationd reads it
+            },
+        )
+
+    def predict(self, volume: Volume) -> np.ndarray:
+        """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background."""
+        item = self.preprocessing({self.image_key: self._as_loaded(volume)})
+        with torch.no_grad():
+            batch = item[self.image_key][None].to(self.device)
+            item["pred"] = self.inferer(batch, self.network)[0]
+        prediction = self.postprocessing(item)["pred"]
+        labels = np.asarray(prediction.detach().cpu())
+        if labels.ndim == 4:
+            if labels.shape[0] != 1:
+                raise BundleError(
+                    f"bundle returned {labels.shape[0]} channels; a single label map was expected"
+                )
+            labels = labels[0]
+        if labels.shape != volume.array.shape:
+            raise BundleError(f"bundle output {labels.shape} is not on the source grid {volume.array.shape}")
+        return np.rint(labels).astype(np.uint16)

@@ -1,0 +1,1 @@
+"""Result encoders: model output to standard DICOM objects (SEG, SR)."""

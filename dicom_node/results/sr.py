@@ -1,0 +1,103 @@
+"""TID 1500 measurement report: one volume (mL) per segment, referencing the SEG.
+
+Radiology information systems and worklists read numbers from SR, not from SEG pixels; the
+report carries the same segments with their codes, their volumes and the algorithm that made
+them.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from ..inference import BundleInfo
+from ..volume import Volume
+from .equipment import MANUFACTURER, MODEL_NAME, Equipment
+from .seg import Segment
+
+MILLILITER = Code("mL", "UCUM", "milliliter")
+ENGLISH = Code("en-US", "RFC5646", "English (United States)")
+PROCEDURES = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+}
+
+
+def voxel_volume_ml(volume: Volume) -> float:
+    return float(abs(np.linalg.det(volume.affine_ras[:3, :3]))) / 1000.0
+
+
+def build_sr(
+    volume: Volume,
+    seg: hd.seg.Segmentation,
+    segments: list[Segment],
+    info: BundleInfo,
+    equipment: Equipment,
+    series_number: int,
+    series_description: str,
+) -> hd.sr.Comprehensive3DSR:
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=equipment.device_uid,
+            name=f"{MODEL_NAME} {equipment.ae_title}"[:64],
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{info.name} {info.version}"[:64],
+            serial_number=equipment.serial_number,
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=info.name[:64], version=info.version[:64], family=codes.DCM.ArtificialIntelligence
+    )
+    ml_per_voxel = voxel_volume_ml(volume)
+    source_series_uid = str(volume.sources[0].SeriesInstanceUID)
+    groups = [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=seg.SegmentSequence[segment.number - 1].TrackingUID,
+                identifier=segment.name[:64],
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=segment.number,
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+            ),
+            finding_type=segment.codes.property_type,
+            finding_category=segment.codes.category,
+            algorithm_id=algorithm,
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.SCT.Volume,
+                    value=round(segment.voxel_count * ml_per_voxel, 3),
+                    unit=MILLILITER,
+                    algorithm_id=algorithm,
+                )
+            ],
+        )
+        for segment in segments
+    ]
+    modality = str(volume.sources[0].get("Modality", ""))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURES.get(modality, codes.LN.CTUnspecifiedBodyRegion),
+        imaging_measurements=groups,
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
+            language=ENGLISH
+        ),
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[seg, *volume.sources],
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=series_description[:64],
+    )
