@@ -1,0 +1,66 @@
+"""The `dicom-node` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import __version__
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom and highdicom narrate every PDU and module at INFO; operators need our lines.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description="A DICOM node that runs MONAI bundles.")
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "receive studies, run pipelines, send results (the whole node)"),
+        ("worker", "run only inference workers against a shared database"),
+        ("status", "print each study with its state, jobs and results"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging()
+    from .config import load_config
+
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError, ValidationError) as error:
+        print(f"dicom-node: invalid configuration {args.config}: {error}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from .service import serve
+
+        return serve(args.config)
+    if args.command == "worker":
+        from .service import run_worker
+
+        return run_worker(args.config)
+    from . import db
+    from .status import collect, render
+
+    print(render(collect(db.connect(config.database_url))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""What `dicom-node status` shows: each study, its state, its jobs and its results.
+
+A study's state is derived, not stored twice: ``receiving`` until its quiet period ends, then
+from its jobs (queued, running, failed) and its deliveries (sending), else done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine, select
+
+from . import db
+
+
+@dataclass
+class JobView:
+    id: int
+    pipeline: str
+    series_uid: str
+    state: str
+    attempts: int
+    reason: str | None
+    results: list[str] = field(default_factory=list)  # "SEG 1.2.3 -> pacs: sent"
+
+
+@dataclass
+class StudyView:
+    study_uid: str
+    patient_id: str
+    accession_number: str
+    state: str
+    instances: int
+    jobs: list[JobView]
+
+
+def study_state(receiving: bool, job_states: list[str], pending_deliveries: int) -> str:
+    if receiving:
+        return "receiving"
+    for state in ("running", "queued", "failed"):
+        if state in job_states:
+            return state
+    if pending_deliveries:
+        return "sending"
+    return "done"
+
+
+def collect(engine: Engine) -> list[StudyView]:
+    with engine.connect() as connection:
+        studies = connection.execute(select(db.studies).order_by(db.studies.c.first_received_at)).mappings().all()
+        views = []
+        for study in studies:
+            instance_count = len(
+                connection.execute(
+                    select(db.instances.c.sop_instance_uid).where(db.instances.c.study_uid == study["study_uid"])
+                ).all()
+            )
+            job_rows = connection.execute(
+                select(db.jobs).where(db.jobs.c.study_uid == study["study_uid"]).order_by(db.jobs.c.id)
+            ).mappings().all()
+            job_views = []
+            pending = 0
+            for job in job_rows:
+                view = JobView(
+                    job["id"], job["pipeline"], job["series_uid"], job["state"], job["attempts"], job["reason"]
+                )
+                rows = connection.execute(
+                    select(db.results.c.kind, db.results.c.sop_instance_uid, db.deliveries.c.destination,
+                           db.deliveries.c.state, db.deliveries.c.last_error)
+                    .join(db.deliveries, db.deliveries.c.result_id == db.results.c.id, isouter=True)
+                    .where(db.results.c.job_id == job["id"])
+                ).all()
+                for kind, uid, destination, state, error in rows:
+                    line = f"{kind} {uid}"
+                    if destination:
+                        line += f" -> {destination}: {state}" + (f" ({error})" if error and state != "sent" else "")
+                        pending += state == "pending"
+                    view.results.append(line)
+                job_views.append(view)
+            state = study_state(study["state"] == "receiving", [j.state for j in job_views], pending)
+            views.append(
+                StudyView(
+                    study["study_uid"],
+                    study["patient_id"] or "",
+                    study["accession_number"] or "",
+                    state,
+                    instance_count,
+                    job_views,
+                )
+            )
+    return views
+
+
+def render(views: list[StudyView]) -> str:
+    if not views:
+        return "no studies received yet"
+    lines = []
+    for view in views:
+        lines.append(
+            f"{view.study_uid}  {view.state}  patient {view.patient_id or '-'}  "
+            f"accession {view.accession_number or '-'}  {view.instances} instances"
+        )
+        if not view.jobs and view.state == "done":
+            lines.append("    no pipeline matched")
+        for job in view.jobs:
+            reason = f": {job.reason}" if job.reason else ""
+            lines.append(f"    job {job.id} {job.pipeline} {job.state} (attempts {job.attempts}){reason}")
+            lines.extend(f"        {result}" for result in job.results)
+    return "\n".join(lines)
