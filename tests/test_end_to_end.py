@@ -1,0 +1,117 @@
+"""The node's reason to exist, from end to end, with real processes on both sides.
+
+A synthetic CT study with realistic headers (a localizer, a thin and a thick axial series) is
+uploaded to a real Orthanc, which pushes it to the node started as an operator would start it.
+The test then finds the SEG and SR of the thin series in Orthanc, in the same study, checks them
+with dciodvfy, and checks that every SEG frame lies on the right source image with the phantom's
+truth (Dice >= 0.9).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from io import BytesIO
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, localizer, make_phantom, write_series
+from tests.support.peers import start_node, wait_for, write_node_config
+
+FOV_PIXELS, PIXEL_MM = 192, 1.8
+
+
+def dciodvfy_errors(path) -> list[str]:
+    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.fixture
+def study(tmp_path):
+    info = StudyInfo()
+    thin = make_phantom((FOV_PIXELS, FOV_PIXELS, 60), (PIXEL_MM, PIXEL_MM, 2.0), seed=41)
+    thick = make_phantom((FOV_PIXELS, FOV_PIXELS, 24), (PIXEL_MM, PIXEL_MM, 5.0), seed=41)
+    thin_images = ct_series(thin, info, 3, "Abdomen 2.0 mm")
+    paths = write_series(localizer(info), tmp_path / "study" / "scout")
+    paths += write_series(thin_images, tmp_path / "study" / "thin")
+    paths += write_series(ct_series(thick, info, 2, "Abdomen 5.0 mm"), tmp_path / "study" / "thick")
+    return info, thin, thin_images, paths
+
+
+def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, study, artifacts):
+    info, phantom, thin_images, paths = study
+    config = write_node_config(
+        tmp_path / "node",
+        node_port,
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        pipelines=[
+            {"name": "ct-demo", "model": str(DEMO_BUNDLE), "destinations": ["pacs"], "select": {"Modality": "CT"}}
+        ],
+        stable_after=2,
+    )
+    node = start_node(config, node_port)
+    try:
+        study_id = orthanc.upload(paths)
+        orthanc.request("POST", "/modalities/node/store", {"Resources": [study_id], "Synchronous": True})
+
+        def results_in_pacs():
+            modalities = {s["MainDicomTags"].get("Modality"): s for s in orthanc.get(f"/studies/{study_id}/series")}
+            return modalities if {"SEG", "SR"} <= modalities.keys() else None
+
+        series = wait_for(results_in_pacs, 300, "SEG and SR in Orthanc", interval=1.0)
+        status = node.cli("status")
+    finally:
+        node.stop()
+        (artifacts / "node.log").write_text(node.log())
+
+    assert "done" in status.splitlines()[0], status
+    objects = {}
+    for modality in ("SEG", "SR"):
+        [instance_id] = series[modality]["Instances"]
+        path = artifacts / f"{modality}.dcm"
+        path.write_bytes(orthanc.get(f"/instances/{instance_id}/file"))
+        assert dciodvfy_errors(path) == [], f"dciodvfy found errors in the {modality}"
+        objects[modality] = pydicom.dcmread(path)
+    seg_ds, sr_ds = objects["SEG"], objects["SR"]
+    assert seg_ds.StudyInstanceUID == sr_ds.StudyInstanceUID == info.study_uid
+
+    # The SEG references the thin series (the rule's preference), frame by frame, on position.
+    source_by_uid = {ds.SOPInstanceUID: ds for ds in thin_images}
+    assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == thin_images[0].SeriesInstanceUID
+    for frame in seg_ds.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        source = source_by_uid[uid]
+        assert np.allclose(
+            frame.PlanePositionSequence[0].ImagePositionPatient, source.ImagePositionPatient, atol=1e-3
+        )
+
+    # The mask matches the phantom's Hounsfield-threshold truth on the right images.
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    labels = {d.SegmentLabel: d.SegmentNumber for d in seg.SegmentSequence}
+    assert set(labels) == {"body", "bone"}
+    ordered_uids = [ds.SOPInstanceUID for ds in thin_images]  # thin_images[k] is phantom slice k
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=ordered_uids, segment_numbers=[labels["body"], labels["bone"]]
+    )
+    truth = np.transpose(phantom.labels, (2, 1, 0))  # [k, row, column]
+    for index, value in enumerate((1, 2)):
+        score = dice(masks[..., index] > 0, truth == value)
+        assert score >= 0.9, f"Dice of segment {value} is {score:.3f}"
+
+    # The SR carries one volume per segment, referencing the SEG.
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_ds)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert {g.tracking_identifier for g in groups} == {"body", "bone"}
+    for group in groups:
+        assert group.referenced_segment.referenced_sop_instance_uid == seg_ds.SOPInstanceUID
+        assert (
+            group.referenced_segment.source_series_for_segmentation.value == thin_images[0].SeriesInstanceUID
+        )
+        [volume] = group.get_measurements(name=pydicom.sr.codedict.codes.SCT.Volume)
+        assert volume.value > 0 and volume.unit.value == "mL"
