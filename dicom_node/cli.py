@@ -31,9 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "receive studies, run pipelines, send results (the whole node)"),
         ("worker", "run only inference workers against a shared database"),
         ("status", "print each study with its state, jobs and results"),
+        ("retry", "re-queue failed jobs (of the given studies, or all) and send pending results now"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
+        if name == "retry":
+            command.add_argument("studies", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs")
     return parser
 
 
@@ -56,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_worker(args.config)
     from . import db
+
+    engine = db.connect(config.database_url)
+    if args.command == "retry":
+        from .jobs import requeue_failed
+
+        print(f"{requeue_failed(engine, args.studies)} failed job(s) re-queued")
+        return 0
     from .status import collect, render
 
-    print(render(collect(db.connect(config.database_url))))
+    print(render(collect(engine)))
     return 0
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select, update
 
 from . import db, jobs
 from .config import Config
-from .rules import Selection, SeriesFacts, select_series, series_facts
+from .rules import Selection, SeriesFacts, select_series, series_facts, why_not_selected
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ def selections(config: Config, engine: Engine, study_uid: str) -> dict[str, Sele
     """Per pipeline name, the series it takes in this study and why."""
     candidates = study_series(engine, study_uid)
     return {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
+
+
+def job_priority(config: Config, pipeline_name: str, series: SeriesFacts) -> int:
+    """The pipeline's priority, raised by the strongest ``[[priorities]]`` rule the series meets."""
+    boosts = [rule.priority for rule in config.priorities if why_not_selected(rule.match, series.header) is None]
+    return config.pipeline(pipeline_name).priority + max(boosts, default=0)
 
 
 def complete_quiet_studies(config: Config, engine: Engine) -> int:
@@ -64,8 +70,9 @@ def complete_quiet_studies(config: Config, engine: Engine) -> int:
             queued = []
             for pipeline_name, selection in chosen.items():
                 if selection.chosen is not None:
-                    jobs.enqueue(connection, study_uid, selection.chosen.series_uid, pipeline_name)
-                    queued.append(f"{pipeline_name} on {selection.chosen.label}")
+                    priority = job_priority(config, pipeline_name, selection.chosen)
+                    jobs.enqueue(connection, study_uid, selection.chosen.series_uid, pipeline_name, priority)
+                    queued.append(f"{pipeline_name} on {selection.chosen.label} (priority {priority})")
             message = "complete; queued " + "; ".join(queued) if queued else "complete; no pipeline matched"
             db.log_event(connection, study_uid, "info", message)
             log.info("study %s %s", study_uid, message)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, StringConstraints, model_validator
 
 AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=r"^[^\\]*[^\\ ]$")]
 
@@ -31,6 +31,24 @@ class NodeSettings(Strict):
         10.0, gt=0, description="Seconds without a new instance before a study counts as complete."
     )
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes started by `serve`.")
+    late_arrivals: Literal["reprocess", "ignore"] = Field(
+        "reprocess",
+        description="An instance new to an already processed study: re-open it and make new results "
+        "after the next quiet period ('reprocess'), or only store it ('ignore').",
+    )
+    min_free_disk_mb: float = Field(
+        1024, ge=0, description="Below this much free space under data_dir, C-STORE answers Out of Resources."
+    )
+    allowed_calling_ae_titles: list[AETitle] = Field(
+        default_factory=list, description="Calling AE titles accepted; empty accepts any."
+    )
+    allowed_peers: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="Peer addresses or networks (CIDR) accepted; empty accepts any."
+    )
+    check_called_ae_title: bool = Field(
+        True, description="Reject associations whose called AE title is not ae_title."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
 
 
 class Destination(Strict):
@@ -38,6 +56,8 @@ class Destination(Strict):
     ae_title: AETitle = Field(description="Called AE title of the destination's SCP.")
     host: str
     port: int = Field(ge=1, le=65535)
+    retry_first_seconds: float = Field(2.0, gt=0, description="Wait after the first failed delivery.")
+    retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between delivery attempts.")
 
 
 class Pipeline(Strict):
@@ -51,13 +71,22 @@ class Pipeline(Strict):
     series_number: int = Field(
         900, ge=1, le=2**31 - 2, description="Series Number of the SEG; the SR takes the next number."
     )
+    priority: int = Field(0, description="Jobs of higher priority are claimed first.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+
+
+class PriorityRule(Strict):
+    """Raise the priority of jobs on series that match, e.g. RequestedProcedurePriority = "STAT"."""
+
+    priority: int = Field(description="Added to the pipeline's priority when every condition holds.")
+    match: dict[str, str | int | float] = Field(description="DICOM keyword = value, as in select.")
 
 
 class Config(Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     destinations: list[Destination] = Field(default_factory=list)
     pipelines: list[Pipeline] = Field(default_factory=list)
+    priorities: list[PriorityRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> "Config":

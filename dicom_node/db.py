@@ -68,6 +68,7 @@ instances = Table(
     Column("transfer_syntax_uid", String(64), nullable=False),
     Column("path", Text, nullable=False),
     Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),  # tells a repeated instance from a changed one
     Column("calling_ae", String(16)),
     Column("received_at", Float, nullable=False),
 )
@@ -80,14 +81,16 @@ jobs = Table(
     Column("series_uid", String(64), nullable=False),
     Column("pipeline", String(64), nullable=False),
     Column("state", String(16), nullable=False),  # queued, running, done, failed
+    Column("priority", Integer, nullable=False, default=0),
     Column("attempts", Integer, nullable=False, default=0),
+    Column("not_before", Float, nullable=False, default=0.0),  # retry backoff
     Column("lease_until", Float),
     Column("worker", String(128)),
     Column("reason", Text),
     Column("created_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
-    Index("ix_jobs_state", "state", "created_at"),
+    Index("ix_jobs_state", "state", "priority", "created_at"),
 )
 
 results = Table(

@@ -1,18 +1,20 @@
 """Dispatch: results to their destinations by C-STORE, with a delivery record per destination.
 
 Each (result, destination) pair is one row, so a destination that is down only delays its
-own rows: it is retried with exponential backoff while the others are delivered.
+own rows: it is retried with exponential backoff (``retry_first_seconds`` doubling up to
+``retry_max_seconds``) while the others are delivered: each destination has its own dispatch loop.
+A result sent twice (a crash between sending and recording) is harmless: its SOP Instance UID
+is the same, and a PACS stores it once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import Engine, select, update
 
 from . import db
@@ -20,12 +22,12 @@ from .config import Config, Destination
 
 log = logging.getLogger(__name__)
 
-BACKOFF_FIRST_SECONDS = 2.0
-BACKOFF_MAX_SECONDS = 300.0
+# Success, and the warnings that still mean "stored" (PS3.4 B.2.3).
+STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-def backoff(attempts: int) -> float:
-    return min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** max(0, attempts - 1))
+def backoff(destination: Destination, attempts: int) -> float:
+    return min(destination.retry_max_seconds, destination.retry_first_seconds * 2 ** max(0, attempts - 1))
 
 
 def _send(config: Config, destination: Destination, paths: list[str]) -> dict[str, str | None]:
@@ -45,53 +47,57 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
             status = assoc.send_c_store(dataset)
             code = getattr(status, "Status", None)
             if code is None:
-                outcome[path] = "no response to C-STORE"
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):
+                outcome[path] = "no response to C-STORE (association lost)"
+            elif code in STORED_STATUSES:
                 outcome[path] = None
             else:
                 outcome[path] = f"C-STORE status 0x{code:04X}"
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return outcome
 
 
-def deliver_due(config: Config, engine: Engine) -> int:
-    """Send every pending delivery whose time has come; returns how many were delivered."""
-    now = db.now()
+def deliver_due(config: Config, engine: Engine, destination: Destination) -> int:
+    """Send this destination's pending deliveries whose time has come; returns how many went."""
     with engine.connect() as connection:
-        due = connection.execute(
+        rows = connection.execute(
             select(
                 db.deliveries.c.id,
-                db.deliveries.c.destination,
                 db.deliveries.c.attempts,
                 db.results.c.path,
+                db.results.c.kind,
                 db.jobs.c.study_uid,
             )
             .join(db.results, db.results.c.id == db.deliveries.c.result_id)
             .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
-            .where(db.deliveries.c.state == "pending", db.deliveries.c.not_before <= now)
+            .where(
+                db.deliveries.c.destination == destination.name,
+                db.deliveries.c.state == "pending",
+                db.deliveries.c.not_before <= db.now(),
+            )
             .order_by(db.deliveries.c.id)
         ).all()
-    by_destination = defaultdict(list)
-    for row in due:
-        by_destination[row.destination].append(row)
+    if not rows:
+        return 0
+    try:
+        outcome = _send(config, destination, [row.path for row in rows])
+    except Exception as error:  # noqa: BLE001 - any network failure means "try again later"
+        outcome = {row.path: f"{type(error).__name__}: {error}" for row in rows}
     delivered = 0
-    for name, rows in by_destination.items():
-        destination = config.destination(name)
-        try:
-            outcome = _send(config, destination, [row.path for row in rows])
-        except Exception as error:  # noqa: BLE001 - any network failure means "try again later"
-            outcome = {row.path: f"{type(error).__name__}: {error}" for row in rows}
-        with engine.begin() as connection:
-            for row in rows:
-                error = outcome.get(row.path, "not sent")
-                attempts = row.attempts + 1
-                if error is None:
-                    delivered += 1
-                    values = {"state": "sent", "attempts": attempts, "sent_at": db.now(), "last_error": None}
-                    db.log_event(connection, row.study_uid, "info", f"delivered {row.path} to {name}")
-                else:
-                    values = {"attempts": attempts, "last_error": error, "not_before": db.now() + backoff(attempts)}
-                    log.warning("delivery to %s failed (attempt %d): %s", name, attempts, error)
-                connection.execute(update(db.deliveries).where(db.deliveries.c.id == row.id).values(**values))
+    with engine.begin() as connection:
+        for row in rows:
+            error = outcome.get(row.path, "not sent")
+            attempts = row.attempts + 1
+            if error is None:
+                delivered += 1
+                values = {"state": "sent", "attempts": attempts, "sent_at": db.now(), "last_error": None}
+                db.log_event(connection, row.study_uid, "info", f"delivered {row.kind} to {destination.name}")
+            else:
+                delay = backoff(destination, attempts)
+                values = {"attempts": attempts, "last_error": error, "not_before": db.now() + delay}
+                log.warning(
+                    "delivery to %s failed (attempt %d, next in %.0f s): %s", destination.name, attempts, delay, error
+                )
+            connection.execute(update(db.deliveries).where(db.deliveries.c.id == row.id).values(**values))
     return delivered

@@ -4,11 +4,21 @@ An instance is answered Success only once its file is on disk (atomically, durab
 row is committed: a Success the PACS sees is a promise that the instance will be processed,
 even if the node is killed the next moment. Bytes are stored exactly as received, in the
 transfer syntax the peer chose, so nothing is lost to a re-encoding.
+
+Association policy, checked before any data is accepted: the peer's address against
+``allowed_peers`` (refused at connection), the calling AE title against
+``allowed_calling_ae_titles`` and the called AE title against ``ae_title`` (A-ASSOCIATE-RJ).
+Every refusal is logged with the peer's address.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 from pydicom import Dataset
@@ -16,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from . import db, store
 from .config import Config
@@ -30,12 +40,12 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
-
 # Every transfer syntax pynetdicom knows. Where a peer offers several in one context, the first
 # of this list wins: explicit VR keeps the value representations the sender wrote.
 ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax != ExplicitVRLittleEndian
 ]
+SHUTDOWN_GRACE_SECONDS = 30.0
 
 
 def storage_sop_classes() -> list[str]:
@@ -56,17 +66,67 @@ class StoredInstance:
     sop_instance_uid: str
 
 
+class PeerCheckingServer(ThreadedAssociationServer):
+    """Refuses connections from addresses outside ``allowed_peers`` before any PDU is read."""
+
+    allowed_peers: list = []
+
+    def verify_request(self, request, client_address) -> bool:
+        if not self.allowed_peers:
+            return True
+        address = ipaddress.ip_address(client_address[0])
+        if any(address in network for network in self.allowed_peers):
+            return True
+        log.warning("refused a connection from %s: address not in allowed_peers", client_address[0])
+        return False
+
+
+class NodeAE(AE):
+    """pynetdicom's AE, serving through :class:`PeerCheckingServer`."""
+
+    allowed_peers: list = []
+
+    def make_server(self, address, *args, server_class=None, **kwargs):
+        server = super().make_server(address, *args, server_class=PeerCheckingServer, **kwargs)
+        server.allowed_peers = self.allowed_peers
+        return server
+
+
 class Receiver:
     """Handles one node's incoming associations; one instance per `serve` process."""
 
     def __init__(self, config: Config, engine: Engine) -> None:
         self.config = config
         self.engine = engine
+        self.ae: NodeAE | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Condition()
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+    def handle_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "rejected an association from %s:%s (calling %r, called %r)",
+            requestor.address,
+            requestor.port,
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+        )
+
+    def handle_store(self, event: evt.Event) -> int:
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._handle_store(event)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+                self._in_flight_lock.notify_all()
+
+    def _handle_store(self, event: evt.Event) -> int:
         peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
         try:
             dataset = event.dataset
@@ -86,6 +146,17 @@ class Receiver:
                 event.request.AffectedSOPClassUID,
             )
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        free_mb = _free_mb(self.config.node.data_dir)
+        if free_mb < self.config.node.min_free_disk_mb:
+            log.error(
+                "refused %s from %s: %.0f MB free under %s, below min_free_disk_mb = %g",
+                identifiers.sop_instance_uid,
+                peer,
+                free_mb,
+                self.config.node.data_dir,
+                self.config.node.min_free_disk_mb,
+            )
+            return OUT_OF_RESOURCES
         try:
             self._store(event, dataset, identifiers)
         except OSError as error:
@@ -97,38 +168,62 @@ class Receiver:
         return SUCCESS
 
     def _store(self, event: evt.Event, dataset: Dataset, ids: StoredInstance) -> None:
-        path = store.instance_path(
-            self.config.node.data_dir, ids.study_uid, ids.series_uid, ids.sop_instance_uid
-        )
         content = event.encoded_dataset(include_meta=True)
+        digest = hashlib.sha256(content).hexdigest()
+        with self.engine.connect() as connection:
+            known = connection.execute(
+                select(db.instances.c.sha256).where(db.instances.c.sop_instance_uid == ids.sop_instance_uid)
+            ).first()
+        if known is not None and known.sha256 == digest:
+            return  # the same instance again, unchanged: nothing to do
+        path = store.instance_path(self.config.node.data_dir, ids.study_uid, ids.series_uid, ids.sop_instance_uid)
         store.write_durably(path, content)
         received_at = db.now()
+        values = {
+            "sop_instance_uid": ids.sop_instance_uid,
+            "series_uid": ids.series_uid,
+            "study_uid": ids.study_uid,
+            "sop_class_uid": str(dataset.SOPClassUID),
+            "transfer_syntax_uid": str(event.context.transfer_syntax),
+            "path": str(path),
+            "size": len(content),
+            "sha256": digest,
+            "calling_ae": event.assoc.requestor.ae_title,
+            "received_at": received_at,
+        }
         with self.engine.begin() as connection:
-            already_stored = connection.execute(
-                select(db.instances.c.sop_instance_uid).where(
-                    db.instances.c.sop_instance_uid == ids.sop_instance_uid
-                )
+            study = connection.execute(
+                select(db.studies.c.state).where(db.studies.c.study_uid == ids.study_uid)
             ).first()
-            if already_stored:
-                return  # the same instance again: its file was rewritten in place, nothing else changes
-            connection.execute(
-                db.upsert(self.engine, db.studies)
-                .values(
-                    study_uid=ids.study_uid,
-                    patient_id=str(dataset.get("PatientID", "")),
-                    patient_name=str(dataset.get("PatientName", "")),
-                    accession_number=str(dataset.get("AccessionNumber", "")),
-                    study_date=str(dataset.get("StudyDate", "")),
-                    study_description=str(dataset.get("StudyDescription", "")),
-                    state="receiving",
-                    first_received_at=received_at,
-                    last_received_at=received_at,
+            reopen = study is None or study.state == "receiving" or self.config.node.late_arrivals == "reprocess"
+            if study is None:
+                connection.execute(
+                    db.studies.insert().values(
+                        study_uid=ids.study_uid,
+                        patient_id=str(dataset.get("PatientID", "")),
+                        patient_name=str(dataset.get("PatientName", "")),
+                        accession_number=str(dataset.get("AccessionNumber", "")),
+                        study_date=str(dataset.get("StudyDate", "")),
+                        study_description=str(dataset.get("StudyDescription", "")),
+                        state="receiving",
+                        first_received_at=received_at,
+                        last_received_at=received_at,
+                    )
                 )
-                .on_conflict_do_update(
-                    index_elements=["study_uid"],
-                    set_={"state": "receiving", "last_received_at": received_at},
+            elif reopen:
+                if study.state != "receiving":
+                    db.log_event(
+                        connection, ids.study_uid, "info", f"re-opened by a late instance {ids.sop_instance_uid}"
+                    )
+                connection.execute(
+                    update(db.studies)
+                    .where(db.studies.c.study_uid == ids.study_uid)
+                    .values(state="receiving", last_received_at=received_at)
                 )
-            )
+            else:
+                db.log_event(
+                    connection, ids.study_uid, "info", f"late instance {ids.sop_instance_uid} stored, not processed"
+                )
             connection.execute(
                 db.upsert(self.engine, db.series)
                 .values(
@@ -141,34 +236,52 @@ class Receiver:
                 .on_conflict_do_nothing()
             )
             connection.execute(
-                db.instances.insert().values(
-                    sop_instance_uid=ids.sop_instance_uid,
-                    series_uid=ids.series_uid,
-                    study_uid=ids.study_uid,
-                    sop_class_uid=str(dataset.SOPClassUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    path=str(path),
-                    size=len(content),
-                    calling_ae=event.assoc.requestor.ae_title,
-                    received_at=received_at,
-                )
+                db.upsert(self.engine, db.instances)
+                .values(**values)
+                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
             )
 
     def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads; the caller owns the returned server's shutdown."""
-        ae = AE(ae_title=self.config.node.ae_title)
-        ae.require_called_aet = True
+        """Listen in background threads until :meth:`stop`."""
+        node = self.config.node
+        ae = NodeAE(ae_title=node.ae_title)
+        ae.allowed_peers = list(node.allowed_peers)
+        ae.require_called_aet = node.check_called_ae_title
+        if node.allowed_calling_ae_titles:
+            ae.require_calling_aet = list(node.allowed_calling_ae_titles)
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
-        ae.network_timeout = 60
+        ae.network_timeout = 60  # a stalled peer is dropped, never holds a thread for ever
         ae.dimse_timeout = 120
         ae.acse_timeout = 30
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
         for sop_class in storage_sop_classes():
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
-        handlers = [(evt.EVT_C_ECHO, self.handle_echo), (evt.EVT_C_STORE, self.handle_store)]
-        node = self.config.node
+        handlers = [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
         log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
-        return ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        self.ae = ae
+        self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        return self.server
+
+    def stop(self) -> None:
+        """Stop accepting, let the C-STOREs in flight finish, then close what remains."""
+        if self.server is None or self.ae is None:
+            return
+        self.server.shutdown()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        with self._in_flight_lock:
+            while self._in_flight and time.monotonic() < deadline:
+                self._in_flight_lock.wait(timeout=0.5)
+        for association in self.ae.active_associations:
+            association.abort()
+
+
+def _free_mb(folder) -> float:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize / 1e6
 
 
 def _identifiers(dataset: Dataset) -> StoredInstance | None:

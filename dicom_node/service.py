@@ -8,13 +8,18 @@ stores in flight finish, and leaves running jobs to be resumed at the next start
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
-from . import db
+from sqlalchemy import update
+
+from . import db, jobs
 from .completion import complete_quiet_studies
 from .config import Config, load_config
 from .dispatch import deliver_due
@@ -23,6 +28,7 @@ from .receive import Receiver
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1
 # An idle worker notices the stop within a poll; a busy one is not waited for, since its job is
 # lease-protected and resumes after the next start.
 WORKER_GRACE_SECONDS = 3.0
@@ -34,9 +40,20 @@ def worker_process(config_path: Path, stop) -> None:
     from .worker import Worker  # torch and MONAI load here, never in the receiving process
 
     setup_logging()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     config = load_config(config_path)
     Worker(config, db.connect(config.database_url)).run_forever(stop)
+
+
+def _die_with_parent() -> None:
+    """A worker orphaned by a killed node would go on claiming jobs beside the restarted one;
+    Linux sends it SIGTERM instead (it releases its job and exits)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        log.warning("cannot tie worker %d to its parent: it may outlive a killed node", os.getpid())
 
 
 def _periodic(name: str, action, stop: threading.Event) -> None:
@@ -47,6 +64,31 @@ def _periodic(name: str, action, stop: threading.Event) -> None:
         except Exception:
             log.exception("%s failed; retrying", name)
         stop.wait(TICK_SECONDS)
+
+
+def resume_after_restart(config: Config, engine) -> None:
+    """Pick up where a stopped or killed node left off.
+
+    Jobs held by processes of this host that are gone go back to the queue at once, instead of
+    waiting for their lease. Studies still receiving get a full quiet period from now: the PACS
+    whose transfer was cut by the stop is given time to resend before the study counts as
+    complete, so a half-received study is not processed.
+    """
+    jobs.release_dead_local_workers(engine, socket.gethostname(), _process_alive)
+    with engine.begin() as connection:
+        connection.execute(
+            update(db.studies).where(db.studies.c.state == "receiving").values(last_received_at=db.now())
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def serve(config_path: Path) -> int:
@@ -63,14 +105,20 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    server = Receiver(config, engine).start()
+    resume_after_restart(config, engine)
+    receiver = Receiver(config, engine)
+    receiver.start()
     loops = [
         threading.Thread(
             target=_periodic, args=("completion", lambda: complete_quiet_studies(config, engine), stop), daemon=True
         ),
+    ] + [
         threading.Thread(
-            target=_periodic, args=("dispatch", lambda: deliver_due(config, engine), stop), daemon=True
-        ),
+            target=_periodic,
+            args=(f"dispatch to {d.name}", lambda d=d: deliver_due(config, engine, d), stop),
+            daemon=True,
+        )
+        for d in config.destinations
     ]
     for loop in loops:
         loop.start()
@@ -86,7 +134,7 @@ def serve(config_path: Path) -> int:
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
                 workers[index] = context.Process(target=worker_process, args=(config_path, worker_stop), daemon=True)
                 workers[index].start()
-    server.shutdown()  # stops accepting; associations in flight finish their current store
+    receiver.stop()  # stops accepting; C-STOREs in flight finish first
     worker_stop.set()
     for process in workers:
         process.join(timeout=WORKER_GRACE_SECONDS)

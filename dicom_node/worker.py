@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -36,6 +37,14 @@ class JobFailure(Exception):
     """A job that cannot succeed on retry: the message is the operator-facing reason."""
 
 
+class ShutdownRequested(BaseException):
+    """Raised in the worker's main thread by SIGTERM; not an Exception, so no job handler eats it."""
+
+
+# Failures that no retry can change: the series or the bundle is the problem, not the moment.
+PERMANENT_FAILURES = (JobFailure, GeometryError, BundleError)
+
+
 class Worker:
     def __init__(self, config: Config, engine: Engine, name: str | None = None) -> None:
         self.config = config
@@ -52,7 +61,9 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
-        job = jobs.claim(self.engine, self.name, {p.name for p in self.config.pipelines})
+        job = jobs.claim(
+            self.engine, self.name, {p.name for p in self.config.pipelines}, self.config.node.max_attempts
+        )
         if job is None:
             return False
         stop_renewing = threading.Event()
@@ -60,11 +71,14 @@ class Worker:
         renewer.start()
         try:
             self._run(job)
-        except (JobFailure, GeometryError, BundleError) as error:
-            self._fail(job, str(error))
+        except ShutdownRequested:
+            jobs.release(self.engine, job["id"], self.name)
+            raise
+        except PERMANENT_FAILURES as error:
+            self._fail(job, str(error), permanent=True)
         except Exception as error:  # noqa: BLE001 - a job's crash must never take the worker down
             log.error("job %s crashed:\n%s", job["id"], traceback.format_exc())
-            self._fail(job, f"{type(error).__name__}: {error}")
+            self._fail(job, f"{type(error).__name__}: {error}", permanent=False)
         finally:
             stop_renewing.set()
             renewer.join()
@@ -74,10 +88,15 @@ class Worker:
         while not stop.wait(jobs.LEASE_SECONDS / 4):
             jobs.renew(self.engine, job_id, self.name)
 
-    def _fail(self, job, reason: str) -> None:
+    def _fail(self, job, reason: str, permanent: bool) -> None:
         log.warning("job %s failed: %s", job["id"], reason)
         with self.engine.begin() as connection:
-            jobs.finish(connection, job["id"], job["study_uid"], "failed", reason)
+            if permanent:
+                jobs.finish(connection, job["id"], job["study_uid"], "failed", reason)
+            else:
+                jobs.retry_or_fail(
+                    connection, job["id"], job["study_uid"], job["attempts"], self.config.node.max_attempts, reason
+                )
 
     def _series_paths(self, series_uid: str) -> list[Path]:
         with self.engine.connect() as connection:
@@ -133,7 +152,16 @@ class Worker:
             db.log_event(connection, job["study_uid"], "info", f"results of job {job['id']}: {volumes}")
 
     def run_forever(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
+        signal.signal(signal.SIGTERM, _raise_shutdown)
         log.info("worker %s ready", self.name)
-        while not stop.is_set():
-            if not self.run_once():
-                stop.wait(IDLE_POLL_SECONDS)
+        try:
+            while not stop.is_set():
+                if not self.run_once():
+                    stop.wait(IDLE_POLL_SECONDS)
+        except ShutdownRequested:
+            log.info("worker %s stopping at SIGTERM", self.name)
+
+
+def _raise_shutdown(_signum, _frame) -> None:
+    raise ShutdownRequested()
