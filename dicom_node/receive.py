@@ -60,10 +60,13 @@ def storage_sop_classes() -> list[str]:
 
 
 @dataclass(frozen=True)
-class StoredInstance:
+class InstanceHeader:
     study_uid: str
     series_uid: str
     sop_instance_uid: str
+    sop_class_uid: str
+    study: dict  # columns of the studies row
+    series: dict  # columns of the series row
 
 
 class PeerCheckingServer(ThreadedAssociationServer):
@@ -127,22 +130,23 @@ class Receiver:
                 self._in_flight_lock.notify_all()
 
     def _handle_store(self, event: evt.Event) -> int:
-        peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        requestor = event.assoc.requestor
+        peer = f"{requestor.ae_title}@{requestor.address}"
+        named = str(event.request.AffectedSOPInstanceUID or "an instance without SOP Instance UID")
         try:
-            dataset = event.dataset
-            identifiers = _identifiers(dataset)
+            header = _header(event.dataset)
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
-            log.warning("refused an instance from %s: cannot parse the dataset (%s)", peer, error)
+            log.warning("refused %s from %s: cannot parse the dataset (%s)", named, peer, error)
             return CANNOT_UNDERSTAND
-        if identifiers is None:
-            log.warning("refused an instance from %s: SOP Class/Instance, Study or Series UID missing or invalid", peer)
+        if header is None:
+            log.warning("refused %s from %s: SOP Class/Instance, Study or Series UID missing or invalid", named, peer)
             return CANNOT_UNDERSTAND
-        if str(dataset.SOPClassUID) != str(event.request.AffectedSOPClassUID):
+        if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
             log.warning(
                 "refused %s from %s: dataset SOP class %s is not the negotiated %s",
-                identifiers.sop_instance_uid,
+                header.sop_instance_uid,
                 peer,
-                dataset.SOPClassUID,
+                header.sop_class_uid,
                 event.request.AffectedSOPClassUID,
             )
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
@@ -150,7 +154,7 @@ class Receiver:
         if free_mb < self.config.node.min_free_disk_mb:
             log.error(
                 "refused %s from %s: %.0f MB free under %s, below min_free_disk_mb = %g",
-                identifiers.sop_instance_uid,
+                header.sop_instance_uid,
                 peer,
                 free_mb,
                 self.config.node.data_dir,
@@ -158,32 +162,34 @@ class Receiver:
             )
             return OUT_OF_RESOURCES
         try:
-            self._store(event, dataset, identifiers)
+            self._store(event, header)
         except OSError as error:
-            log.error("could not store %s from %s: %s", identifiers.sop_instance_uid, peer, error)
+            log.error("could not store %s from %s: %s", header.sop_instance_uid, peer, error)
             return OUT_OF_RESOURCES
         except Exception:
-            log.exception("could not store %s from %s", identifiers.sop_instance_uid, peer)
+            log.exception("could not store %s from %s", header.sop_instance_uid, peer)
             return PROCESSING_FAILURE
         return SUCCESS
 
-    def _store(self, event: evt.Event, dataset: Dataset, ids: StoredInstance) -> None:
+    def _store(self, event: evt.Event, header: InstanceHeader) -> None:
         content = event.encoded_dataset(include_meta=True)
         digest = hashlib.sha256(content).hexdigest()
         with self.engine.connect() as connection:
             known = connection.execute(
-                select(db.instances.c.sha256).where(db.instances.c.sop_instance_uid == ids.sop_instance_uid)
+                select(db.instances.c.sha256).where(db.instances.c.sop_instance_uid == header.sop_instance_uid)
             ).first()
         if known is not None and known.sha256 == digest:
             return  # the same instance again, unchanged: nothing to do
-        path = store.instance_path(self.config.node.data_dir, ids.study_uid, ids.series_uid, ids.sop_instance_uid)
+        path = store.instance_path(
+            self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
+        )
         store.write_durably(path, content)
         received_at = db.now()
         values = {
-            "sop_instance_uid": ids.sop_instance_uid,
-            "series_uid": ids.series_uid,
-            "study_uid": ids.study_uid,
-            "sop_class_uid": str(dataset.SOPClassUID),
+            "sop_instance_uid": header.sop_instance_uid,
+            "series_uid": header.series_uid,
+            "study_uid": header.study_uid,
+            "sop_class_uid": header.sop_class_uid,
             "transfer_syntax_uid": str(event.context.transfer_syntax),
             "path": str(path),
             "size": len(content),
@@ -193,46 +199,33 @@ class Receiver:
         }
         with self.engine.begin() as connection:
             study = connection.execute(
-                select(db.studies.c.state).where(db.studies.c.study_uid == ids.study_uid)
+                select(db.studies.c.state).where(db.studies.c.study_uid == header.study_uid)
             ).first()
-            reopen = study is None or study.state == "receiving" or self.config.node.late_arrivals == "reprocess"
             if study is None:
                 connection.execute(
                     db.studies.insert().values(
-                        study_uid=ids.study_uid,
-                        patient_id=str(dataset.get("PatientID", "")),
-                        patient_name=str(dataset.get("PatientName", "")),
-                        accession_number=str(dataset.get("AccessionNumber", "")),
-                        study_date=str(dataset.get("StudyDate", "")),
-                        study_description=str(dataset.get("StudyDescription", "")),
+                        study_uid=header.study_uid,
+                        **header.study,
                         state="receiving",
                         first_received_at=received_at,
                         last_received_at=received_at,
                     )
                 )
-            elif reopen:
+            elif study.state == "receiving" or self.config.node.late_arrivals == "reprocess":
                 if study.state != "receiving":
-                    db.log_event(
-                        connection, ids.study_uid, "info", f"re-opened by a late instance {ids.sop_instance_uid}"
-                    )
+                    message = f"re-opened by a late instance {header.sop_instance_uid}"
+                    db.log_event(connection, header.study_uid, "info", message)
                 connection.execute(
                     update(db.studies)
-                    .where(db.studies.c.study_uid == ids.study_uid)
+                    .where(db.studies.c.study_uid == header.study_uid)
                     .values(state="receiving", last_received_at=received_at)
                 )
             else:
-                db.log_event(
-                    connection, ids.study_uid, "info", f"late instance {ids.sop_instance_uid} stored, not processed"
-                )
+                message = f"late instance {header.sop_instance_uid} stored, not processed (late_arrivals = ignore)"
+                db.log_event(connection, header.study_uid, "info", message)
             connection.execute(
                 db.upsert(self.engine, db.series)
-                .values(
-                    series_uid=ids.series_uid,
-                    study_uid=ids.study_uid,
-                    modality=str(dataset.get("Modality", "")),
-                    series_number=_int_or_none(dataset.get("SeriesNumber")),
-                    series_description=str(dataset.get("SeriesDescription", "")),
-                )
+                .values(series_uid=header.series_uid, study_uid=header.study_uid, **header.series)
                 .on_conflict_do_nothing()
             )
             connection.execute(
@@ -284,14 +277,33 @@ def _free_mb(folder) -> float:
     return stats.f_bavail * stats.f_frsize / 1e6
 
 
-def _identifiers(dataset: Dataset) -> StoredInstance | None:
-    values = [dataset.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
-    if not all(values) or not dataset.get("SOPClassUID"):
+def _header(dataset: Dataset) -> InstanceHeader | None:
+    """Every value the index needs, read before anything is written: a dataset that fails to
+    parse half-way is refused whole, never half-stored."""
+    uids = [dataset.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")]
+    if not all(uids):
         return None
-    study_uid, series_uid, sop_instance_uid = (str(v) for v in values)
+    study_uid, series_uid, sop_instance_uid, sop_class_uid = (str(v).strip() for v in uids)
     if not all(store.is_valid_uid(uid) for uid in (study_uid, series_uid, sop_instance_uid)):
         return None
-    return StoredInstance(study_uid, series_uid, sop_instance_uid)
+    return InstanceHeader(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        study={
+            "patient_id": str(dataset.get("PatientID", "")),
+            "patient_name": str(dataset.get("PatientName", "")),
+            "accession_number": str(dataset.get("AccessionNumber", "")),
+            "study_date": str(dataset.get("StudyDate", "")),
+            "study_description": str(dataset.get("StudyDescription", "")),
+        },
+        series={
+            "modality": str(dataset.get("Modality", "")),
+            "series_number": _int_or_none(dataset.get("SeriesNumber")),
+            "series_description": str(dataset.get("SeriesDescription", "")),
+        },
+    )
 
 
 def _int_or_none(value) -> int | None:

@@ -29,13 +29,12 @@ log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.5
 PR_SET_PDEATHSIG = 1
-# An idle worker notices the stop within a poll; a busy one is not waited for, since its job is
-# lease-protected and resumes after the next start.
-WORKER_GRACE_SECONDS = 3.0
+WORKER_GRACE_SECONDS = 10.0
 
 
-def worker_process(config_path: Path, stop) -> None:
-    """Entry point of a worker process (spawned, so it imports torch on its own)."""
+def worker_process(config_path: Path) -> None:
+    """Entry point of a worker process (spawned, so it imports torch on its own). It runs until
+    SIGTERM, which releases the job in progress for the next start."""
     from .cli import setup_logging
     from .worker import Worker  # torch and MONAI load here, never in the receiving process
 
@@ -43,7 +42,7 @@ def worker_process(config_path: Path, stop) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     config = load_config(config_path)
-    Worker(config, db.connect(config.database_url)).run_forever(stop)
+    Worker(config, db.connect(config.database_url)).run_forever(threading.Event())
 
 
 def _die_with_parent() -> None:
@@ -82,13 +81,15 @@ def resume_after_restart(config: Config, engine) -> None:
 
 
 def _process_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped by an init that may never
+    reap it) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
 
 
 def serve(config_path: Path) -> int:
@@ -96,7 +97,6 @@ def serve(config_path: Path) -> int:
     engine = db.connect(config.database_url)
     stop = threading.Event()
     context = multiprocessing.get_context("spawn")
-    worker_stop = context.Event()
 
     def request_stop(signum, _frame) -> None:
         log.info("signal %d: shutting down", signum)
@@ -124,7 +124,7 @@ def serve(config_path: Path) -> int:
         loop.start()
     workers = []
     for _ in range(config.node.workers):
-        process = context.Process(target=worker_process, args=(config_path, worker_stop), daemon=True)
+        process = context.Process(target=worker_process, args=(config_path,), daemon=True)
         process.start()
         workers.append(process)
     log.info("dicom-node serving with %d worker(s)", len(workers))
@@ -132,14 +132,15 @@ def serve(config_path: Path) -> int:
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = context.Process(target=worker_process, args=(config_path, worker_stop), daemon=True)
+                workers[index] = context.Process(target=worker_process, args=(config_path,), daemon=True)
                 workers[index].start()
     receiver.stop()  # stops accepting; C-STOREs in flight finish first
-    worker_stop.set()
+    for process in workers:
+        process.terminate()  # SIGTERM: the worker releases its job, which resumes at the next start
     for process in workers:
         process.join(timeout=WORKER_GRACE_SECONDS)
         if process.is_alive():
-            process.terminate()  # a model run in progress: its lease will lapse and it resumes later
+            process.kill()  # its job's lease lapses, and the job resumes all the same
     for loop in loops:
         loop.join(timeout=5)
     log.info("stopped")

@@ -61,15 +61,24 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
-        job = jobs.claim(
-            self.engine, self.name, {p.name for p in self.config.pipelines}, self.config.node.max_attempts
-        )
+        # SIGTERM waits while a job is being claimed: arriving between the claim's commit and the
+        # `try` below, it would leave a running job that nobody releases.
+        job = None
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            job = jobs.claim(
+                self.engine, self.name, {p.name for p in self.config.pipelines}, self.config.node.max_attempts
+            )
+        finally:
+            if job is None:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if job is None:
             return False
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job["id"], stop_renewing), daemon=True)
         renewer.start()
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending SIGTERM lands here
             self._run(job)
         except ShutdownRequested:
             jobs.release(self.engine, job["id"], self.name)

@@ -132,3 +132,10 @@ def write_series(images: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def small_study(folder: Path, slices: int = 40, seed: int = 11, info: StudyInfo | None = None) -> tuple[StudyInfo, list[Path]]:
+    """A one-series CT study small enough to process in seconds, for tests about the flow."""
+    info = info or StudyInfo()
+    phantom = make_phantom((128, 128, slices), (2.8, 2.8, 4.0), seed=seed)
+    return info, write_series(ct_series(phantom, info, 2, "Abdomen 4.0 mm"), folder)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -63,6 +65,19 @@ class Orthanc:
     def get(self, path: str):
         return self.request("GET", path)
 
+    def series_of_study(self, study_uid: str) -> list[dict]:
+        """Orthanc's series of the study with this Study Instance UID (empty when unknown)."""
+        found = self.request("POST", "/tools/lookup", study_uid.encode())
+        studies = [item["ID"] for item in found if item["Type"] == "Study"]
+        return self.get(f"/studies/{studies[0]}/series") if studies else []
+
+    def modality_counts(self, study_uid: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for series in self.series_of_study(study_uid):
+            modality = series["MainDicomTags"].get("Modality", "")
+            counts[modality] = counts.get(modality, 0) + len(series["Instances"])
+        return counts
+
     def upload(self, paths: list[Path]) -> str:
         """Store files as if a modality had sent them; returns Orthanc's study id."""
         study_id = ""
@@ -84,6 +99,25 @@ class Orthanc:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def restart_orthanc(orthanc: Orthanc) -> Orthanc:
+    """The same PACS again (same storage, ports and configuration) after :meth:`Orthanc.stop`."""
+    config_path = orthanc.log_path.parent / "orthanc.json"
+    process = subprocess.Popen(
+        ["Orthanc", str(config_path)], stdout=open(orthanc.log_path, "ab"), stderr=subprocess.STDOUT, env=dcmtk_env()
+    )
+    restarted = Orthanc(process, orthanc.http_port, orthanc.dicom_port, orthanc.ae_title, orthanc.log_path)
+    wait_for(restarted.alive, 60, "Orthanc's REST API after a restart")
+    return restarted
+
+
+def storescu(ae_title: str, port: int, paths: list[Path], *options: str, timeout: float = 300):
+    """Send files as a modality does; returns the completed process (verbose output in stderr)."""
+    return subprocess.run(
+        ["storescu", "-v", *options, "-aec", ae_title, "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
+    )
 
 
 def start_orthanc(workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC") -> Orthanc:
@@ -157,6 +191,23 @@ class Node:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def data_dir(self) -> Path:
+        return self.config_path.parent / "data"
+
+    def query(self, sql: str, *parameters) -> list[tuple]:
+        """Read the node's state as an operator's script would: straight from its database."""
+        database = self.data_dir / "dicom-node.sqlite"
+        if not database.exists():
+            return []
+        with sqlite3.connect(database, timeout=30) as connection:
+            return connection.execute(sql, parameters).fetchall()
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind, as in a power cut of the process."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -196,7 +247,7 @@ def start_node(config_path: Path, port: int, ae_title: str = "DICOMNODE") -> Nod
     log_path = config_path.parent / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config_path)],
-        stdout=open(log_path, "wb"),
+        stdout=open(log_path, "ab"),  # appended: a restarted node keeps one log
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
