@@ -48,6 +48,9 @@ class NodeSettings(Strict):
     check_called_ae_title: bool = Field(
         True, description="Reject associations whose called AE title is not ae_title."
     )
+    max_associations: int = Field(
+        64, ge=1, le=1000, description="Concurrent associations accepted; more are rejected (A-ASSOCIATE-RJ)."
+    )
     max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
 
 

@@ -110,14 +110,17 @@ class Receiver:
         return SUCCESS
 
     def handle_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        log.warning(
-            "rejected an association from %s:%s (calling %r, called %r)",
-            requestor.address,
-            requestor.port,
-            requestor.ae_title,
-            event.assoc.acceptor.ae_title,
-        )
+        requestor, node = event.assoc.requestor, self.config.node
+        called = event.assoc.acceptor.ae_title
+        if node.check_called_ae_title and called != node.ae_title:
+            reason = f"called AE title {called!r} is not {node.ae_title!r}"
+        elif node.allowed_calling_ae_titles and requestor.ae_title not in node.allowed_calling_ae_titles:
+            reason = f"calling AE title {requestor.ae_title!r} is not in allowed_calling_ae_titles"
+        elif self.ae is not None and len(self.ae.active_associations) >= node.max_associations:
+            reason = f"already {node.max_associations} associations (max_associations)"
+        else:
+            reason = "no acceptable presentation context or protocol error"
+        log.warning("rejected an association from %s:%s: %s", requestor.address, requestor.port, reason)
 
     def handle_store(self, event: evt.Event) -> int:
         with self._in_flight_lock:
@@ -242,10 +245,12 @@ class Receiver:
         ae.require_called_aet = node.check_called_ae_title
         if node.allowed_calling_ae_titles:
             ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         ae.network_timeout = 60  # a stalled peer is dropped, never holds a thread for ever
         ae.dimse_timeout = 120
-        ae.acse_timeout = 30
+        # Also the ARTIM timer: how long a connection that sent garbage holds its slot.
+        ae.acse_timeout = 10
         ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
         for sop_class in storage_sop_classes():
             ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)

@@ -166,6 +166,7 @@ class Node:
     port: int
     ae_title: str
     log_path: Path
+    calling_ae_title: str = "ECHOSCU"
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
@@ -181,7 +182,7 @@ class Node:
 
     def echo(self) -> bool:
         result = subprocess.run(
-            ["echoscu", "-aec", self.ae_title, "127.0.0.1", str(self.port)],
+            ["echoscu", "-aet", self.calling_ae_title, "-aec", self.ae_title, "127.0.0.1", str(self.port)],
             capture_output=True,
             env=dcmtk_env(),
             timeout=30,
@@ -193,7 +194,9 @@ class Node:
 
     @property
     def data_dir(self) -> Path:
-        return self.config_path.parent / "data"
+        from dicom_node.config import load_config
+
+        return load_config(self.config_path).node.data_dir
 
     def query(self, sql: str, *parameters) -> list[tuple]:
         """Read the node's state as an operator's script would: straight from its database."""
@@ -243,7 +246,11 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
     return path
 
 
-def start_node(config_path: Path, port: int, ae_title: str = "DICOMNODE") -> Node:
+def start_node(
+    config_path: Path, port: int, ae_title: str = "DICOMNODE", calling_ae_title: str = "ECHOSCU", echo: bool = True
+) -> Node:
+    """Start `dicom-node serve`; ready once it answers C-ECHO (or, with ``echo=False``, once it
+    says it listens: for configurations that refuse this machine's echo on purpose)."""
     log_path = config_path.parent / "node.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config_path)],
@@ -251,12 +258,12 @@ def start_node(config_path: Path, port: int, ae_title: str = "DICOMNODE") -> Nod
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
-    node = Node(process, config_path, port, ae_title, log_path)
+    node = Node(process, config_path, port, ae_title, log_path, calling_ae_title)
 
     def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"the node exited with {process.returncode}:\n{node.log()[-3000:]}")
-        return node.echo()
+        return node.echo() if echo else "listening as" in node.log()
 
     wait_for(ready, 60, "the node to answer C-ECHO")
     return node

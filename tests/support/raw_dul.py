@@ -1,0 +1,104 @@
+"""A deliberately naive DICOM Upper Layer client that sends whatever bytes a test asks for.
+
+Fuzzing the listener needs a peer that breaks rules on purpose: malformed datasets inside a
+well-formed C-STORE, or garbage where a PDU should be. Real toolkits refuse to send either.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from io import BytesIO
+
+from pydicom import Dataset
+from pynetdicom.dsutils import decode, encode
+
+APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = b"1.2.826.0.1.3680043.10.1426.1"
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def associate_rq(called: str, calling: str, abstract_syntax: str, transfer_syntax: str) -> bytes:
+    context = bytes([1, 0, 0, 0]) + _item(0x30, abstract_syntax.encode()) + _item(0x40, transfer_syntax.encode())
+    user = _item(0x51, struct.pack(">I", 65536)) + _item(0x52, IMPLEMENTATION_CLASS_UID)
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16).encode()
+        + calling.ljust(16).encode()
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT)
+        + _item(0x20, context)
+        + _item(0x50, user)
+    )
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def p_data(data: bytes, command: bool, context_id: int = 1) -> bytes:
+    pdv = struct.pack(">IBB", len(data) + 2, context_id, (1 if command else 0) | 0b10) + data
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def c_store_rq(sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    command = Dataset()
+    command.CommandGroupLength = 0
+    command.AffectedSOPClassUID = sop_class_uid
+    command.CommandField = 0x0001
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = sop_instance_uid
+    command.CommandGroupLength = len(encode(command, True, True)) - 12
+    return encode(command, True, True)
+
+
+def release_rq() -> bytes:
+    return struct.pack(">BBI", 0x05, 0, 4) + bytes(4)
+
+
+class RawAssociation:
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_pdu(self) -> tuple[int, bytes] | None:
+        """The next PDU as (type, body), or None once the node closed the connection."""
+        header = self._read(6)
+        if header is None:
+            return None
+        kind, _, length = struct.unpack(">BBI", header)
+        body = self._read(length)
+        return None if body is None else (kind, body)
+
+    def _read(self, size: int) -> bytes | None:
+        chunks = b""
+        while len(chunks) < size:
+            try:
+                chunk = self.sock.recv(size - len(chunks))
+            except (ConnectionResetError, socket.timeout):
+                return None
+            if not chunk:
+                return None
+            chunks += chunk
+        return chunks
+
+    def store_status(self) -> int | None:
+        """The Status of the C-STORE response, or None when the node aborted or closed."""
+        pdu = self.read_pdu()
+        if pdu is None or pdu[0] != 0x04:
+            return None
+        body = pdu[1]
+        command = decode(BytesIO(body[6:]), True, True)
+        return int(command.Status)
+
+    def close(self) -> None:
+        try:
+            self.send(release_rq())
+            self.read_pdu()
+        except OSError:
+            pass
+        self.sock.close()

@@ -1,0 +1,126 @@
+"""Malformed datasets and PDUs against the listener: it answers or drops that peer, and serves on.
+
+Each case opens its own association to the node process. Afterwards the node must still answer
+C-ECHO and still process a good study from end to end.
+"""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, small_study
+from tests.support.peers import start_node, storescu, wait_for, write_node_config
+from tests.support.raw_dul import RawAssociation, associate_rq, c_store_rq, p_data
+
+# Statuses a malformed instance may get; anything else (or a crash) is a failure of the node.
+REFUSALS = {0xC000, 0xA900, 0xA700, 0x0110, 0xC210, 0xC211}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    from tests.support.peers import free_port
+
+    workdir = tmp_path_factory.mktemp("fuzz")
+    port = free_port()
+    config = write_node_config(
+        workdir / "node", port, destinations=[],
+        pipelines=[{"name": "ct-demo", "model": str(DEMO_BUNDLE), "select": {"Modality": "CT"}}],
+        stable_after=2, min_free_disk_mb=0,
+    )
+    started = start_node(config, port)
+    yield started
+    started.stop()
+
+
+def valid_dataset_bytes() -> tuple[bytes, str]:
+    [ds] = ct_series(make_phantom((16, 16, 1), (10.0, 10.0, 5.0), seed=1), StudyInfo(), 1, "tiny")
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue(), ds.SOPInstanceUID
+
+
+VALID, VALID_UID = valid_dataset_bytes()
+
+
+def send_instance(node, dataset: bytes, sop_class: str = CTImageStorage, uid: str = VALID_UID) -> int | None:
+    association = RawAssociation(node.port)
+    try:
+        association.send(associate_rq(node.ae_title, "FUZZER", sop_class, ExplicitVRLittleEndian))
+        accepted = association.read_pdu()
+        assert accepted is not None and accepted[0] == 0x02, "a well-formed association must be accepted"
+        association.send(p_data(c_store_rq(sop_class, uid), command=True))
+        association.send(p_data(dataset, command=False))
+        return association.store_status()
+    finally:
+        association.close()
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    data = bytearray(VALID)
+    for _ in range(draw(st.integers(1, 8))):
+        position = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if kind == "flip":
+            data[position] = draw(st.integers(0, 255))
+        elif kind == "cut":
+            del data[position : position + draw(st.integers(1, 64))]
+        else:
+            data[position:position] = draw(st.binary(min_size=1, max_size=16))
+        if not data:
+            break
+    return bytes(data)
+
+
+FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(dataset=st.one_of(st.binary(max_size=512), mutated()))
+def test_malformed_datasets_are_refused_or_stored_never_crash(node, dataset):
+    status = send_instance(node, dataset, uid=generate_uid())
+    assert status is None or status == 0x0000 or status in REFUSALS, hex(status)
+
+
+@settings(FUZZ, max_examples=60)
+@given(garbage=st.binary(min_size=1, max_size=256), after_association=st.booleans())
+def test_garbage_pdus_only_cost_their_own_connection(node, garbage, after_association):
+    association = RawAssociation(node.port, timeout=5)
+    try:
+        if after_association:
+            association.send(associate_rq(node.ae_title, "FUZZER", CTImageStorage, ExplicitVRLittleEndian))
+            association.read_pdu()
+        association.send(garbage)
+    except OSError:
+        pass  # the node may hang up mid-send: that is an answer too
+    finally:
+        association.sock.close()
+
+
+def test_specific_defects_get_the_specific_status(node):
+    without_uid = pydicom.dcmread(DicomBytesIO(VALID), force=True)
+    del without_uid.SOPInstanceUID
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, without_uid)
+    assert send_instance(node, buffer.getvalue()) == 0xC000
+    assert send_instance(node, VALID, sop_class=MRImageStorage) == 0xA900
+    assert "refused" in node.log() and VALID_UID in node.log()
+
+
+def test_the_node_still_serves_and_processes_a_good_study(node, tmp_path):
+    assert node.echo()
+    info, paths = small_study(tmp_path / "good")
+    assert storescu(node.ae_title, node.port, paths).returncode == 0
+    wait_for(
+        lambda: node.query("SELECT state FROM jobs WHERE study_uid = ?", info.study_uid) == [("done",)],
+        180, "the good study's job", 0.5,
+    )
