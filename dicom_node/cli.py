@@ -32,11 +32,14 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "run only inference workers against a shared database"),
         ("status", "print each study with its state, jobs and results"),
         ("retry", "re-queue failed jobs (of the given studies, or all) and send pending results now"),
+        ("explain", "print, series by series, why each pipeline takes it or not"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
         if name == "retry":
             command.add_argument("studies", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs")
+        if name == "explain":
+            command.add_argument("study", metavar="STUDY_UID", help="a stored study's Study Instance UID")
     return parser
 
 
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         from .jobs import requeue_failed
 
         print(f"{requeue_failed(engine, args.studies)} failed job(s) re-queued")
+        return 0
+    if args.command == "explain":
+        from .completion import explain
+
+        print(explain(config, engine, args.study))
         return 0
     from .status import collect, render
 

@@ -15,31 +15,46 @@ from sqlalchemy import Engine, select, update
 
 from . import db, jobs
 from .config import Config
-from .rules import Selection, SeriesFacts, select_series, series_facts, why_not_selected
+from .rules import Selection, StackFacts, select_series, series_stacks, why_block_fails
 
 log = logging.getLogger(__name__)
 
 
-def study_series(engine: Engine, study_uid: str) -> list[SeriesFacts]:
+def study_stacks(engine: Engine, study_uid: str) -> list[StackFacts]:
     with engine.connect() as connection:
         rows = connection.execute(
-            select(db.instances.c.series_uid, db.instances.c.path).where(db.instances.c.study_uid == study_uid)
+            select(db.instances.c.series_uid, db.instances.c.path)
+            .where(db.instances.c.study_uid == study_uid)
+            .order_by(db.instances.c.path)
         ).all()
     paths: dict[str, list[Path]] = defaultdict(list)
     for series_uid, path in rows:
         paths[series_uid].append(Path(path))
-    return [series_facts(uid, series_paths) for uid, series_paths in sorted(paths.items())]
+    return [stack for uid, series_paths in sorted(paths.items()) for stack in series_stacks(uid, series_paths)]
 
 
 def selections(config: Config, engine: Engine, study_uid: str) -> dict[str, Selection]:
     """Per pipeline name, the series it takes in this study and why."""
-    candidates = study_series(engine, study_uid)
+    candidates = study_stacks(engine, study_uid)
     return {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
 
 
-def job_priority(config: Config, pipeline_name: str, series: SeriesFacts) -> int:
-    """The pipeline's priority, raised by the strongest ``[[priorities]]`` rule the series meets."""
-    boosts = [rule.priority for rule in config.priorities if why_not_selected(rule.match, series.header) is None]
+def explain(config: Config, engine: Engine, study_uid: str) -> str:
+    """`dicom-node explain`: series by series, why each pipeline takes it or not."""
+    candidates = study_stacks(engine, study_uid)
+    if not candidates:
+        return f"no instances of study {study_uid} are stored"
+    lines = [f"study {study_uid}"]
+    for pipeline in config.pipelines:
+        selection = select_series(pipeline, candidates)
+        lines.append(f"pipeline {pipeline.name} (take {pipeline.take}, prefer {pipeline.prefer})")
+        lines.extend(f"  {facts.label}: {selection.reasons[facts.key]}" for facts in candidates)
+    return "\n".join(lines)
+
+
+def job_priority(config: Config, pipeline_name: str, stack: StackFacts) -> int:
+    """The pipeline's priority, raised by the strongest ``[[priorities]]`` rule the stack meets."""
+    boosts = [rule.priority for rule in config.priorities if why_block_fails(rule.match, stack) is None]
     return config.pipeline(pipeline_name).priority + max(boosts, default=0)
 
 
@@ -69,10 +84,10 @@ def complete_quiet_studies(config: Config, engine: Engine) -> int:
                 continue
             queued = []
             for pipeline_name, selection in chosen.items():
-                if selection.chosen is not None:
-                    priority = job_priority(config, pipeline_name, selection.chosen)
-                    jobs.enqueue(connection, study_uid, selection.chosen.series_uid, pipeline_name, priority)
-                    queued.append(f"{pipeline_name} on {selection.chosen.label} (priority {priority})")
+                for stack in selection.chosen:
+                    priority = job_priority(config, pipeline_name, stack)
+                    jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, priority)
+                    queued.append(f"{pipeline_name} on {stack.label} (priority {priority})")
             message = "complete; queued " + "; ".join(queued) if queued else "complete; no pipeline matched"
             db.log_event(connection, study_uid, "info", message)
             log.info("study %s %s", study_uid, message)

@@ -7,6 +7,7 @@ is started from.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -52,6 +53,9 @@ class NodeSettings(Strict):
         64, ge=1, le=1000, description="Concurrent associations accepted; more are rejected (A-ASSOCIATE-RJ)."
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
+    model_memory_mb: float = Field(
+        8192, gt=0, description="Loaded models a worker keeps warm, at most this many MB of weights."
+    )
 
 
 class Destination(Strict):
@@ -63,26 +67,78 @@ class Destination(Strict):
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between delivery attempts.")
 
 
+Scalar = str | int | float | bool
+
+
+class Condition(Strict):
+    """A condition on one DICOM keyword or series fact; every operator given must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    regex: str | None = Field(None, description="Full match of the value's text.")
+    ignore_case: bool = Field(False, description="Makes `regex` case-insensitive.")
+    min: float | None = Field(None, description="Numeric lower bound, inclusive.")
+    max: float | None = Field(None, description="Numeric upper bound, inclusive.")
+    in_: list[Scalar] | None = Field(None, alias="in", description="The value is one of these.")
+    contains: list[str] | None = Field(None, description="A multi-valued attribute holds all of these.")
+    excludes: list[str] | None = Field(None, description="A multi-valued attribute holds none of these.")
+    not_: Scalar | list[Scalar] | None = Field(None, alias="not", description="The value is none of these.")
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> "Condition":
+        operators = (self.regex, self.min, self.max, self.in_, self.contains, self.excludes, self.not_)
+        if all(operator is None for operator in operators):
+            raise ValueError("a condition needs one of regex, min, max, in, contains, excludes, not")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as error:
+                raise ValueError(f"invalid regex {self.regex!r}: {error}") from error
+        return self
+
+
+SelectBlock = dict[str, Scalar | Condition]
+
+
 class Pipeline(Strict):
     name: str = Field(description="Shown in status and in the results' series description.")
     model: Path = Field(description="A MONAI bundle directory (Model Zoo layout).")
     destinations: list[str] = Field(default_factory=list, description="Where results are sent.")
-    select: dict[str, str | int | float] = Field(
+    select: SelectBlock | list[SelectBlock] = Field(
         default_factory=dict,
-        description="DICOM keyword = value; a series is taken when every condition holds.",
+        description="Conditions on DICOM keywords and series facts; all of a block must hold. "
+        "Several blocks ([[pipelines.select]]) are alternatives.",
     )
-    series_number: int = Field(
-        900, ge=1, le=2**31 - 2, description="Series Number of the SEG; the SR takes the next number."
+    take: Literal["one", "all"] = Field("one", description="One series per study, or every matching one.")
+    prefer: Literal["thinnest", "most_images"] = Field(
+        "thinnest", description="Which matching series `take = 'one'` picks (ties go to the other criterion)."
+    )
+    series_number: int | None = Field(
+        None,
+        ge=1,
+        le=2**31 - 2,
+        description="Series Number of the SEG; the SR takes the next number. "
+        "Default: 900 for the first pipeline, 910 for the second, and so on.",
+    )
+    segments: Path | None = Field(
+        None, description="A TOML file overriding segment names, codes and colours (docs/segments.md)."
+    )
+    timeout_seconds: float = Field(
+        1800.0, gt=0, description="A job running longer fails with that reason and frees what it held."
     )
     priority: int = Field(0, description="Jobs of higher priority are claimed first.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+
+    @property
+    def select_blocks(self) -> list[SelectBlock]:
+        return self.select if isinstance(self.select, list) else [self.select]
 
 
 class PriorityRule(Strict):
     """Raise the priority of jobs on series that match, e.g. RequestedProcedurePriority = "STAT"."""
 
     priority: int = Field(description="Added to the pipeline's priority when every condition holds.")
-    match: dict[str, str | int | float] = Field(description="DICOM keyword = value, as in select.")
+    match: SelectBlock = Field(description="Conditions, as in a select block.")
 
 
 class Config(Strict):
@@ -111,6 +167,12 @@ class Config(Strict):
     def pipeline(self, name: str) -> Pipeline:
         return next(p for p in self.pipelines if p.name == name)
 
+    def series_number(self, pipeline: Pipeline) -> int:
+        """The SEG's Series Number: configured, or deterministic by the pipeline's position."""
+        if pipeline.series_number is not None:
+            return pipeline.series_number
+        return 900 + 10 * self.pipelines.index(pipeline)
+
     @property
     def database_url(self) -> str:
         return f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
@@ -127,5 +189,10 @@ def load_config(path: Path) -> Config:
     config = Config.model_validate(raw)
     base = path.resolve().parent
     node = config.node.model_copy(update={"data_dir": _resolve(base, config.node.data_dir)})
-    pipelines = [p.model_copy(update={"model": _resolve(base, p.model)}) for p in config.pipelines]
+    pipelines = [
+        p.model_copy(
+            update={"model": _resolve(base, p.model), "segments": _resolve(base, p.segments) if p.segments else None}
+        )
+        for p in config.pipelines
+    ]
     return config.model_copy(update={"node": node, "pipelines": pipelines})

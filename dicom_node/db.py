@@ -79,6 +79,7 @@ jobs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("study_uid", ForeignKey("studies.study_uid"), nullable=False, index=True),
     Column("series_uid", String(64), nullable=False),
+    Column("stack", String(128), nullable=False, default=""),  # which stack of the series, "" if one
     Column("pipeline", String(64), nullable=False),
     Column("state", String(16), nullable=False),  # queued, running, done, failed
     Column("priority", Integer, nullable=False, default=0),

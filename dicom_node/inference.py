@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,31 @@ def _load_weights(bundle_dir: Path, parser: ConfigParser, device: torch.device) 
     raise BundleError(f"{bundle_dir} has neither models/model.pt nor models/model.ts")
 
 
+def as_loaded(array: np.ndarray, affine_ras: np.ndarray, name: str) -> MetaTensor:
+    """What MONAI's LoadImage would return for this volume: no channel axis yet, RAS affine."""
+    affine = torch.as_tensor(affine_ras, dtype=torch.float64)
+    return MetaTensor(
+        torch.from_numpy(array),
+        affine=affine,
+        meta={
+            "original_affine": affine.clone(),
+            "spatial_shape": np.asarray(array.shape),
+            "original_channel_dim": "no_channel",
+            "filename_or_obj": str(name),
+            "space": SpaceKeys.RAS,  # said explicitly: Orientationd reads it
+        },
+    )
+
+
+def _fresh_scripts_package(bundle_dir: Path) -> None:
+    """Make ``import scripts`` find this bundle's own package, not one cached from another bundle."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    if str(bundle_dir) in sys.path:
+        sys.path.remove(str(bundle_dir))
+    sys.path.insert(0, str(bundle_dir))
+
+
 class Bundle:
     """One loaded bundle: network, transforms and inferer, ready for many volumes."""
 
@@ -103,8 +129,7 @@ class Bundle:
         self.bundle_dir = bundle_dir
         self.device = device
         self.info = read_bundle_info(bundle_dir)
-        if str(bundle_dir) not in sys.path:
-            sys.path.insert(0, str(bundle_dir))  # a bundle's own scripts/ package
+        _fresh_scripts_package(bundle_dir)
         parser = ConfigParser()
         parser.read_config(_config_file(bundle_dir))
         parser["bundle_root"] = str(bundle_dir)
@@ -114,36 +139,39 @@ class Bundle:
         self.preprocessing = _without_file_transforms(parser.get_parsed_content("preprocessing"))
         self.postprocessing = _without_file_transforms(parser.get_parsed_content("postprocessing"))
         self.inferer = parser.get_parsed_content("inferer")
-        log.info("loaded bundle %s %s on %s", self.info.name, self.info.version, device)
+        self.timings: dict[str, float] = {}  # seconds per step of the last predict()
+        log.info("loaded bundle %s %s on %s (%.0f MB of weights)", self.info.name, self.info.version, device,
+                 self.weight_mb)
 
-    def _as_loaded(self, volume: Volume) -> MetaTensor:
-        affine = torch.as_tensor(volume.affine_ras, dtype=torch.float64)
-        return MetaTensor(
-            torch.from_numpy(volume.array),
-            affine=affine,
-            meta={
-                "original_affine": affine.clone(),
-                "spatial_shape": np.asarray(volume.array.shape),
-                "original_channel_dim": "no_channel",
-                "filename_or_obj": str(volume.sources[0].SeriesInstanceUID),
-                "space": SpaceKeys.RAS,  # say so explicitly: Orientationd reads it
-            },
-        )
+    @property
+    def weight_mb(self) -> float:
+        tensors = [*self.network.parameters(), *self.network.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
     def predict(self, volume: Volume) -> np.ndarray:
         """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background."""
-        item = self.preprocessing({self.image_key: self._as_loaded(volume)})
+        series_uid = volume.frames[0].header.SeriesInstanceUID
+        started = time.perf_counter()
+        item = self.preprocessing({self.image_key: as_loaded(volume.array, volume.affine_ras, series_uid)})
+        preprocessed = time.perf_counter()
         with torch.no_grad():
             batch = item[self.image_key][None].to(self.device)
             item["pred"] = self.inferer(batch, self.network)[0]
-        prediction = self.postprocessing(item)["pred"]
-        labels = np.asarray(prediction.detach().cpu())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        inferred = time.perf_counter()
+        labels = np.asarray(self.postprocessing(item)["pred"].detach().cpu())
+        del item
         if labels.ndim == 4:
-            if labels.shape[0] != 1:
-                raise BundleError(
-                    f"bundle returned {labels.shape[0]} channels; a single label map was expected"
-                )
-            labels = labels[0]
+            # One channel: a label map already. Several: per-label scores the bundle left as
+            # they are (no argmax in its postprocessing); the strongest label wins per voxel.
+            labels = labels[0] if labels.shape[0] == 1 else np.argmax(labels, axis=0)
         if labels.shape != volume.array.shape:
             raise BundleError(f"bundle output {labels.shape} is not on the source grid {volume.array.shape}")
-        return np.rint(labels).astype(np.uint16)
+        result = np.rint(labels).astype(np.uint16)
+        self.timings = {
+            "preprocess": preprocessed - started,
+            "network": inferred - preprocessed,
+            "postprocess": time.perf_counter() - inferred,
+        }
+        return result

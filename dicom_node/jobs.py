@@ -25,11 +25,14 @@ def retry_delay(attempts: int) -> float:
     return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempts - 1))
 
 
-def enqueue(connection: Connection, study_uid: str, series_uid: str, pipeline: str, priority: int = 0) -> None:
+def enqueue(
+    connection: Connection, study_uid: str, series_uid: str, stack: str, pipeline: str, priority: int = 0
+) -> None:
     connection.execute(
         db.jobs.insert().values(
             study_uid=study_uid,
             series_uid=series_uid,
+            stack=stack,
             pipeline=pipeline,
             state="queued",
             priority=priority,

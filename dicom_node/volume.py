@@ -2,15 +2,25 @@
 
 The volume array is indexed ``[i, j, k]`` = (column, row, slice), as NIfTI tools such as
 dcm2niix lay it out, and comes with its affine in RAS millimetres, the convention MONAI's
-readers give bundles. Slices are ordered by the projection of Image Position (Patient) on the
-slice normal, never by Instance Number, and slice spacing comes from those positions, never
-from Slice Thickness. What cannot be represented exactly (uneven spacing, tilted stacks,
-mixed geometry) is refused with a reason rather than silently distorted.
+readers give bundles. A slice is a *frame*: a single-frame image, or one frame of an Enhanced
+multi-frame image (geometry from its functional groups). Frames are ordered by the projection of
+their Image Position (Patient) on the slice normal, never by Instance Number, and slice spacing
+comes from those positions, never from Slice Thickness.
+
+What cannot be represented exactly is refused with a reason rather than silently distorted:
+
+- several frames at one position are first split into stacks (acquisition, echo, temporal
+  position); a stack that still repeats a position is refused;
+- uneven spacing (a missing slice, a variable-pitch acquisition) is refused: resampling would
+  put mask voxels between source images that a SEG cannot reference;
+- a stack whose positions drift sideways from the normal (gantry tilt, shear) is refused;
+- frames of different orientation, size or pixel spacing are refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,84 +31,183 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice spacing, and absolute tolerance (mm) on stack alignment.
 SPACING_TOLERANCE = 0.01
 ALIGNMENT_TOLERANCE_MM = 0.05
+# Attributes that tell apart stacks sharing positions, with the words used to name them.
+STACK_ATTRIBUTES = (
+    ("AcquisitionNumber", "acquisition"),
+    ("EchoNumbers", "echo"),
+    ("TemporalPositionIdentifier", "temporal position"),
+    ("TemporalPositionIndex", "temporal position"),
+    ("StackID", "stack"),
+)
 
 
 class GeometryError(ValueError):
     """The series cannot become one regular volume; the message says why, for the operator."""
 
 
-@dataclass
-class Volume:
-    array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units)
-    affine_ras: np.ndarray  # 4x4, voxel index to RAS mm
-    sources: list[Dataset]  # source headers (no pixels), sources[k] is slice k
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image: a single-frame instance, or one frame of a multi-frame instance."""
+
+    header: Dataset = field(repr=False)  # the instance's header, without pixel data
+    path: Path
+    index: int | None  # 0-based frame number in a multi-frame instance; None for single-frame
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]  # row cosines then column cosines
+    pixel_spacing: tuple[float, float]  # between rows, between columns
+    slope: float
+    intercept: float
+    stack_values: tuple[tuple[str, str], ...]  # (name, value) of STACK_ATTRIBUTES present
 
     @property
-    def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(np.linalg.norm(self.affine_ras[:3, axis])) for axis in range(3))
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
 
-    def frame_masks(self, labels: np.ndarray) -> np.ndarray:
-        """Masks in source-image layout: ``result[k]`` is ``(rows, columns)`` of ``sources[k]``."""
-        if labels.shape != self.array.shape:
-            raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
-        return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.orientation[:3], self.orientation[3:])
 
-
-def _orientation(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    return iop[:3], iop[3:]
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.header.Rows), int(self.header.Columns)
 
 
-def slice_normal(ds: Dataset) -> np.ndarray:
-    row_cosine, column_cosine = _orientation(ds)
-    return np.cross(row_cosine, column_cosine)
+def _first(dataset: Dataset, sequence: str) -> Dataset | None:
+    items = dataset.get(sequence)
+    return items[0] if items else None
 
 
-def order_slices(headers: list[Dataset]) -> list[Dataset]:
-    """Sorted along the slice normal; raises when the stack is not one regular volume."""
-    if not headers:
-        raise GeometryError("the series has no images")
-    first = headers[0]
-    for ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise GeometryError("multi-frame images are not supported yet")
+def _functional_group(header: Dataset, per_frame: Dataset | None, sequence: str) -> Dataset | None:
+    """A functional group item, per-frame first, then shared (PS3.3 C.7.6.16)."""
+    for groups in (per_frame, _first(header, "SharedFunctionalGroupsSequence")):
+        if groups is not None and sequence in groups:
+            return groups[sequence][0]
+    return None
+
+
+def _stack_values(*datasets: Dataset | None) -> tuple[tuple[str, str], ...]:
+    values = []
+    for keyword, name in STACK_ATTRIBUTES:
+        for dataset in datasets:
+            if dataset is not None and keyword in dataset and dataset[keyword].value not in (None, ""):
+                values.append((name, str(dataset[keyword].value)))
+                break
+    return tuple(values)
+
+
+def frames_of(header: Dataset, path: Path) -> list[Frame]:
+    """The frames of one stored instance with the geometry each one has."""
+    if "PerFrameFunctionalGroupsSequence" not in header:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-            if keyword not in ds:
-                raise GeometryError(f"instance {ds.SOPInstanceUID} has no {keyword}")
-        if not np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4):
+            if keyword not in header:
+                raise GeometryError(f"instance {header.SOPInstanceUID} has no {keyword}")
+        return [
+            Frame(
+                header=header,
+                path=path,
+                index=None,
+                position=tuple(float(v) for v in header.ImagePositionPatient),
+                orientation=tuple(float(v) for v in header.ImageOrientationPatient),
+                pixel_spacing=tuple(float(v) for v in header.PixelSpacing),
+                slope=float(header.get("RescaleSlope", 1.0) or 1.0),
+                intercept=float(header.get("RescaleIntercept", 0.0) or 0.0),
+                stack_values=_stack_values(header),
+            )
+        ]
+    frames = []
+    for index, per_frame in enumerate(header.PerFrameFunctionalGroupsSequence):
+        position = _functional_group(header, per_frame, "PlanePositionSequence")
+        orientation = _functional_group(header, per_frame, "PlaneOrientationSequence")
+        measures = _functional_group(header, per_frame, "PixelMeasuresSequence")
+        transform = _functional_group(header, per_frame, "PixelValueTransformationSequence")
+        if position is None or orientation is None or measures is None:
+            raise GeometryError(f"frame {index + 1} of {header.SOPInstanceUID} lacks plane position or orientation")
+        content = _first(per_frame, "FrameContentSequence")
+        frames.append(
+            Frame(
+                header=header,
+                path=path,
+                index=index,
+                position=tuple(float(v) for v in position.ImagePositionPatient),
+                orientation=tuple(float(v) for v in orientation.ImageOrientationPatient),
+                pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),
+                slope=float(transform.get("RescaleSlope", 1.0)) if transform else 1.0,
+                intercept=float(transform.get("RescaleIntercept", 0.0)) if transform else 0.0,
+                stack_values=_stack_values(content, header),
+            )
+        )
+    return frames
+
+
+def read_frames(paths: list[Path]) -> list[Frame]:
+    frames = []
+    for path in paths:
+        frames.extend(frames_of(pydicom.dcmread(path, stop_before_pixels=True), path))
+    return frames
+
+
+def _position_key(frame: Frame) -> tuple[float, ...]:
+    return tuple(round(v / ALIGNMENT_TOLERANCE_MM) for v in frame.position)
+
+
+def split_stacks(frames: list[Frame]) -> dict[str, list[Frame]]:
+    """Frames grouped into stacks; one stack named "" unless positions repeat."""
+    if len({_position_key(f) for f in frames}) == len(frames):
+        return {"": frames}
+    stacks: dict[str, list[Frame]] = defaultdict(list)
+    for frame in frames:
+        stacks[", ".join(f"{name} {value}" for name, value in frame.stack_values)].append(frame)
+    if len(stacks) == 1:
+        raise GeometryError(
+            "several images share one position and nothing (acquisition, echo, temporal position) tells them apart"
+        )
+    return dict(sorted(stacks.items()))
+
+
+def order_frames(frames: list[Frame]) -> list[Frame]:
+    """Sorted along the slice normal; raises when the stack is not one regular volume."""
+    if not frames:
+        raise GeometryError("the series has no images")
+    first = frames[0]
+    for frame in frames:
+        if not np.allclose(frame.orientation, first.orientation, atol=1e-4):
             raise GeometryError("images have different orientations")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+        if frame.shape != first.shape:
             raise GeometryError("images have different sizes")
-        if not np.allclose(ds.PixelSpacing, first.PixelSpacing, atol=1e-4):
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
             raise GeometryError("images have different pixel spacings")
-    normal = slice_normal(first)
-    ordered = sorted(headers, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
-    positions = np.array([ds.ImagePositionPatient for ds in ordered], dtype=np.float64)
+    normal = first.normal
+    ordered = sorted(frames, key=lambda f: float(np.dot(normal, f.position)))
+    positions = np.array([f.position for f in ordered], dtype=np.float64)
     if len(ordered) > 1:
         steps = np.diff(positions @ normal)
         if np.any(steps < ALIGNMENT_TOLERANCE_MM):
             raise GeometryError("several images share one position (several stacks in one series)")
         if steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean():
             raise GeometryError(
-                f"uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm); refusing to guess"
+                f"uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, a missing slice or "
+                "variable pitch); refusing to resample between source images"
             )
-        in_plane = positions - positions[0] - np.outer((positions - positions[0]) @ normal, normal)
-        if np.abs(in_plane).max() > ALIGNMENT_TOLERANCE_MM:
-            raise GeometryError("slices are not stacked along their normal (gantry tilt or shear)")
+        offsets = positions - positions[0]
+        sideways = offsets - np.outer(offsets @ normal, normal)
+        if np.abs(sideways).max() > ALIGNMENT_TOLERANCE_MM:
+            raise GeometryError(
+                f"slices drift {np.abs(sideways).max():.2f} mm sideways from their normal "
+                "(gantry tilt or shear); refusing a sheared volume"
+            )
     return ordered
 
 
-def affine_lps(ordered: list[Dataset]) -> np.ndarray:
+def affine_lps(ordered: list[Frame]) -> np.ndarray:
     """Voxel [i, j, k] to LPS mm, with the slice axis taken from the first and last positions."""
     first = ordered[0]
-    row_cosine, column_cosine = _orientation(first)
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    origin = np.asarray(first.ImagePositionPatient, dtype=np.float64)
+    row_cosine, column_cosine = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    row_spacing, column_spacing = first.pixel_spacing
+    origin = np.array(first.position, dtype=np.float64)
     if len(ordered) > 1:
-        last = np.asarray(ordered[-1].ImagePositionPatient, dtype=np.float64)
-        slice_step = (last - origin) / (len(ordered) - 1)
+        slice_step = (np.array(ordered[-1].position) - origin) / (len(ordered) - 1)
     else:
-        slice_step = slice_normal(first) * float(first.get("SliceThickness", 1.0) or 1.0)
+        slice_step = first.normal * float(first.header.get("SliceThickness", 1.0) or 1.0)
     affine = np.eye(4)
     affine[:3, 0] = row_cosine * column_spacing  # i walks along a row: the column index
     affine[:3, 1] = column_cosine * row_spacing
@@ -107,20 +216,48 @@ def affine_lps(ordered: list[Dataset]) -> np.ndarray:
     return affine
 
 
-def read_headers(paths: list[Path]) -> list[Dataset]:
-    return [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+@dataclass
+class Volume:
+    array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units)
+    affine_ras: np.ndarray  # 4x4, voxel index to RAS mm
+    frames: list[Frame]  # frames[k] is slice k
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(np.linalg.norm(self.affine_ras[:3, axis])) for axis in range(3))
+
+    @property
+    def source_headers(self) -> list[Dataset]:
+        """Each source instance once, in the order of first appearance along k."""
+        unique: dict[str, Dataset] = {}
+        for frame in self.frames:
+            unique.setdefault(frame.sop_instance_uid, frame.header)
+        return list(unique.values())
+
+    def frame_masks(self, labels: np.ndarray) -> np.ndarray:
+        """Masks in source-image layout: ``result[k]`` is ``(rows, columns)`` of ``frames[k]``."""
+        if labels.shape != self.array.shape:
+            raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
+        return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
 
 
-def load_volume(paths: list[Path]) -> Volume:
-    """Read a single-frame series into a float32 volume with modality values."""
-    headers = read_headers(paths)
-    path_of = {str(ds.SOPInstanceUID): path for ds, path in zip(headers, paths)}
-    ordered_headers = order_slices(headers)
-    first = ordered_headers[0]
-    array = np.empty((int(first.Columns), int(first.Rows), len(ordered_headers)), dtype=np.float32)
-    for k, header in enumerate(ordered_headers):
-        ds = pydicom.dcmread(path_of[str(header.SOPInstanceUID)])
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        array[:, :, k] = ds.pixel_array.T.astype(np.float32) * slope + intercept
-    return Volume(array=array, affine_ras=LPS_TO_RAS @ affine_lps(ordered_headers), sources=ordered_headers)
+def load_volume(frames: list[Frame]) -> Volume:
+    """Decode the frames of one stack into a float32 volume of modality values.
+
+    Each file is decoded once, and only one file's pixels are held besides the volume: peak
+    memory stays near the size of the float32 volume itself.
+    """
+    ordered = order_frames(frames)
+    rows, columns = ordered[0].shape
+    array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
+    by_path: dict[Path, list[tuple[int, Frame]]] = defaultdict(list)
+    for k, frame in enumerate(ordered):
+        by_path[frame.path].append((k, frame))
+    for path, members in by_path.items():
+        pixels = pydicom.dcmread(path).pixel_array
+        for k, frame in members:
+            plane = pixels if frame.index is None else pixels[frame.index]
+            np.multiply(plane.T, frame.slope, out=array[:, :, k], casting="unsafe")
+            array[:, :, k] += frame.intercept
+        del pixels
+    return Volume(array=array, affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)

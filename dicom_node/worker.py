@@ -8,6 +8,7 @@ rows, their deliveries and the job's ``done`` state are committed together.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -15,18 +16,21 @@ import socket
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from io import BytesIO
 from pathlib import Path
 
+import torch
 from sqlalchemy import Engine, select
 
 from . import db, jobs, store
 from .config import Config, Pipeline
 from .inference import Bundle, BundleError, choose_device
+from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
-from .results.seg import build_seg, present_segments
+from .results.seg import build_seg, segments_of
 from .results.sr import build_sr
-from .volume import GeometryError, load_volume
+from .volume import GeometryError, load_volume, read_frames, split_stacks
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,22 @@ class ShutdownRequested(BaseException):
 
 
 # Failures that no retry can change: the series or the bundle is the problem, not the moment.
-PERMANENT_FAILURES = (JobFailure, GeometryError, BundleError)
+PERMANENT_FAILURES = (JobFailure, GeometryError, BundleError, ValueError)
+BUNDLE_SEGMENTS_FILE = "dicom_segments.toml"  # a bundle's own segment overrides, in configs/
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _raise_timeout(_signum, _frame) -> None:
+    raise JobTimeout()
+
+
+class JobTimeout(Exception):
+    """Raised by SIGALRM when a job outlives its pipeline's timeout_seconds."""
 
 
 class Worker:
@@ -50,14 +69,36 @@ class Worker:
         self.config = config
         self.engine = engine
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.bundles: dict[str, Bundle] = {}
+        self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
         self.equipment = Equipment(config.node.ae_title)
 
-    def bundle(self, pipeline: Pipeline) -> Bundle:
-        """Load once, run many: the bundle stays warm for the next job of this pipeline."""
-        if pipeline.name not in self.bundles:
-            self.bundles[pipeline.name] = Bundle(pipeline.model, choose_device(pipeline.device))
-        return self.bundles[pipeline.name]
+    def bundle(self, pipeline: Pipeline, study_uid: str) -> Bundle:
+        """Load once, run many: a bundle stays warm for the next job of its pipeline, until the
+        warm bundles together outgrow model_memory_mb and the least recently used goes."""
+        if pipeline.name in self.bundles:
+            self.bundles.move_to_end(pipeline.name)
+            return self.bundles[pipeline.name]
+        bundle = Bundle(pipeline.model, choose_device(pipeline.device))
+        self.bundles[pipeline.name] = bundle
+        evicted = []
+        while len(self.bundles) > 1 and sum(b.weight_mb for b in self.bundles.values()) > self.config.node.model_memory_mb:
+            name, _ = self.bundles.popitem(last=False)
+            evicted.append(name)
+        _free_memory()
+        with self.engine.begin() as connection:
+            message = f"worker {self.name} loaded bundle {bundle.info.name} {bundle.info.version} for {pipeline.name}"
+            if evicted:
+                message += f"; unloaded {', '.join(evicted)} (model_memory_mb)"
+            db.log_event(connection, study_uid, "info", message)
+        return bundle
+
+    def segment_overrides(self, pipeline: Pipeline) -> dict[str, SegmentCodes]:
+        """The bundle's own label overrides, then the pipeline's on top."""
+        overrides: dict[str, SegmentCodes] = {}
+        for path in (pipeline.model / "configs" / BUNDLE_SEGMENTS_FILE, pipeline.segments):
+            if path is not None and path.exists():
+                overrides.update(read_overrides(path))
+        return overrides
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
@@ -77,20 +118,28 @@ class Worker:
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job["id"], stop_renewing), daemon=True)
         renewer.start()
+        pipeline = self.config.pipeline(job["pipeline"])
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending SIGTERM lands here
-            self._run(job)
+            signal.setitimer(signal.ITIMER_REAL, pipeline.timeout_seconds)
+            self._run(job, pipeline)
         except ShutdownRequested:
             jobs.release(self.engine, job["id"], self.name)
             raise
+        except JobTimeout:
+            self._fail(job, f"exceeded the time limit of {pipeline.timeout_seconds:g} s (timeout_seconds)", True)
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            self._fail(job, f"ran out of memory ({type(error).__name__}: {error})"[:500], permanent=True)
         except PERMANENT_FAILURES as error:
             self._fail(job, str(error), permanent=True)
         except Exception as error:  # noqa: BLE001 - a job's crash must never take the worker down
             log.error("job %s crashed:\n%s", job["id"], traceback.format_exc())
             self._fail(job, f"{type(error).__name__}: {error}", permanent=False)
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             stop_renewing.set()
             renewer.join()
+            _free_memory()  # what a failed or finished job held goes now, not at the next job
         return True
 
     def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
@@ -114,23 +163,32 @@ class Worker:
             ).all()
         return [Path(path) for (path,) in rows]
 
-    def _run(self, job) -> None:
-        pipeline = self.config.pipeline(job["pipeline"])
-        volume = load_volume(self._series_paths(job["series_uid"]))
-        bundle = self.bundle(pipeline)
+    def _run(self, job, pipeline: Pipeline) -> None:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        stacks = split_stacks(read_frames(self._series_paths(job["series_uid"])))
+        if job["stack"] not in stacks:
+            raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
+        volume = load_volume(stacks[job["stack"]])
+        timings["volume"] = time.perf_counter() - started
+        bundle = self.bundle(pipeline, job["study_uid"])
         labels = bundle.predict(volume)
-        segments = present_segments(labels, bundle.info)
-        if not segments:
-            raise JobFailure("the model found none of its labels in this series; no SEG to send")
+        timings.update(bundle.timings)
+        encoding = time.perf_counter()
+        segments = segments_of(labels, bundle.info, self.segment_overrides(pipeline))
+        unknown = sorted({s.name for s in segments if not s.codes.known})
         description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
-        seg = build_seg(
-            volume, labels, segments, bundle.info, self.equipment, pipeline.series_number, f"SEG {description}"
-        )
-        sr = build_sr(
-            volume, seg, segments, bundle.info, self.equipment, pipeline.series_number + 1, f"SR {description}"
-        )
+        series_number = self.config.series_number(pipeline)
+        seg = None
+        if any(segment.present for segment in segments):
+            seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, self.equipment,
+                            series_number, f"SEG {description}")
+        sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}")
+        timings["encode"] = time.perf_counter() - encoding
         written = []
         for kind, dataset in (("SEG", seg), ("SR", sr)):
+            if dataset is None:
+                continue
             path = store.result_path(
                 self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
             )
@@ -138,6 +196,7 @@ class Worker:
             dataset.save_as(buffer, enforce_file_format=True)
             store.write_durably(path, buffer.getvalue())
             written.append((kind, dataset, path))
+        timings["write"] = time.perf_counter() - encoding - timings["encode"]
         with self.engine.begin() as connection:
             for kind, dataset, path in written:
                 result_id = connection.execute(
@@ -156,13 +215,24 @@ class Worker:
                             result_id=result_id, destination=destination, state="pending", attempts=0, not_before=0.0
                         )
                     )
-            volumes = ", ".join(f"{s.name} {s.voxel_count} voxels" for s in segments)
-            jobs.finish(connection, job["id"], job["study_uid"], "done", None)
-            db.log_event(connection, job["study_uid"], "info", f"results of job {job['id']}: {volumes}")
+            study = job["study_uid"]
+            found = [f"{s.name} {s.voxel_count} voxels" for s in segments if s.present]
+            absent = [s.name for s in segments if not s.present]
+            summary = f"results of job {job['id']}: " + (", ".join(found) or "no label found")
+            if absent:
+                summary += f"; absent: {', '.join(absent)}"
+            db.log_event(connection, study, "info", summary)
+            if unknown:
+                db.log_event(connection, study, "warning",
+                             f"labels without a known code, sent with a generic one: {', '.join(unknown)}")
+            db.log_event(connection, study, "info", f"job {job['id']} timings: " +
+                         ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()))
+            jobs.finish(connection, job["id"], study, "done", None)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
         signal.signal(signal.SIGTERM, _raise_shutdown)
+        signal.signal(signal.SIGALRM, _raise_timeout)
         log.info("worker %s ready", self.name)
         try:
             while not stop.is_set():

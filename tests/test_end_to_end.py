@@ -10,7 +10,6 @@ truth (Dice >= 0.9).
 from __future__ import annotations
 
 import subprocess
-from io import BytesIO
 
 import highdicom as hd
 import numpy as np

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, small_study, write_series, ct_series, make_phantom
 from tests.support.peers import (

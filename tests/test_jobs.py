@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from dicom_node import db, jobs
 from dicom_node.completion import job_priority
 from dicom_node.config import Config, Pipeline, PriorityRule
-from dicom_node.rules import SeriesFacts
+from dicom_node.rules import StackFacts
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 
 
@@ -27,7 +27,7 @@ def engine(tmp_path):
 
 def enqueue(engine, study: str, priority: int) -> None:
     with engine.begin() as connection:
-        jobs.enqueue(connection, study, study + ".9", "p", priority)
+        jobs.enqueue(connection, study, study + ".9", "", "p", priority)
 
 
 def state_of(engine, job_id: int):
@@ -82,7 +82,7 @@ def test_a_stat_flag_raises_the_priority(tmp_path):
         pipelines=[Pipeline(name="p", model=Path("m"), priority=1)],
         priorities=[PriorityRule(priority=50, match={"RequestedProcedurePriority": "STAT"})],
     )
-    facts = SeriesFacts("1.2.3", header, 1, None)
+    facts = StackFacts("1.2.3", "", header, [])
     assert job_priority(config, "p", facts) == 51
     header.RequestedProcedurePriority = "ROUTINE"
     assert job_priority(config, "p", facts) == 1

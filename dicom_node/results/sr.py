@@ -20,6 +20,7 @@ from .seg import Segment
 
 MILLILITER = Code("mL", "UCUM", "milliliter")
 ENGLISH = Code("en-US", "RFC5646", "English (United States)")
+PRESENCE = Code("705057003", "SCT", "Presence")
 PROCEDURES = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -31,15 +32,53 @@ def voxel_volume_ml(volume: Volume) -> float:
     return float(abs(np.linalg.det(volume.affine_ras[:3, :3]))) / 1000.0
 
 
+def _present_group(segment: Segment, seg: hd.seg.Segmentation, volume: Volume, algorithm) -> object:
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=seg.SegmentSequence[segment.number - 1].TrackingUID, identifier=segment.name[:64]
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=segment.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(str(volume.frames[0].header.SeriesInstanceUID)),
+        ),
+        finding_type=segment.codes.property_type,
+        finding_category=segment.codes.category,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=round(segment.voxel_count * voxel_volume_ml(volume), 3),
+                unit=MILLILITER,
+                algorithm_id=algorithm,
+            )
+        ],
+    )
+
+
+def _absent_group(segment: Segment, algorithm) -> object:
+    """A label the model looked for and did not find: said so, rather than silently missing."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=segment.name[:64]),
+        finding_type=segment.codes.property_type,
+        finding_category=segment.codes.category,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PRESENCE, value=codes.SCT.Absent)],
+    )
+
+
 def build_sr(
     volume: Volume,
-    seg: hd.seg.Segmentation,
+    seg: hd.seg.Segmentation | None,
     segments: list[Segment],
     info: BundleInfo,
     equipment: Equipment,
     series_number: int,
     series_description: str,
 ) -> hd.sr.Comprehensive3DSR:
+    """The report of every label: a volume for each present one, "absent" for the others.
+    ``seg`` is None when the model found none of its labels."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -53,45 +92,19 @@ def build_sr(
     algorithm = hd.sr.AlgorithmIdentification(
         name=info.name[:64], version=info.version[:64], family=codes.DCM.ArtificialIntelligence
     )
-    ml_per_voxel = voxel_volume_ml(volume)
-    source_series_uid = str(volume.sources[0].SeriesInstanceUID)
     groups = [
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=seg.SegmentSequence[segment.number - 1].TrackingUID,
-                identifier=segment.name[:64],
-            ),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
-                segment_number=segment.number,
-                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
-            ),
-            finding_type=segment.codes.property_type,
-            finding_category=segment.codes.category,
-            algorithm_id=algorithm,
-            measurements=[
-                hd.sr.Measurement(
-                    name=codes.SCT.Volume,
-                    value=round(segment.voxel_count * ml_per_voxel, 3),
-                    unit=MILLILITER,
-                    algorithm_id=algorithm,
-                )
-            ],
-        )
+        _present_group(segment, seg, volume, algorithm) if segment.present else _absent_group(segment, algorithm)
         for segment in segments
     ]
-    modality = str(volume.sources[0].get("Modality", ""))
+    modality = str(volume.frames[0].header.get("Modality", ""))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURES.get(modality, codes.LN.CTUnspecifiedBodyRegion),
         imaging_measurements=groups,
-        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(
-            language=ENGLISH
-        ),
+        language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(language=ENGLISH),
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg, *volume.sources],
+        evidence=[*([seg] if seg is not None else []), *volume.source_headers],
         content=report,
         series_instance_uid=generate_uid(),
         series_number=series_number,

@@ -67,6 +67,13 @@ def _base(study: StudyInfo, sop_class: str) -> Dataset:
     return ds
 
 
+def axial_affine(spacing, origin) -> np.ndarray:
+    """LPS affine of an axial stack: i to the patient's left, j posterior, k to the head."""
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
 def ct_series(
     phantom: Phantom,
     study: StudyInfo,
@@ -74,13 +81,57 @@ def ct_series(
     description: str,
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
 ) -> list[Dataset]:
-    """One axial CT image per phantom slice, stored as HU + 1024 with intercept -1024."""
+    """One axial CT image per phantom slice."""
+    return series_from_array(
+        phantom.hu, axial_affine(phantom.spacing, phantom.origin), study, series_number, description, image_type
+    )
+
+
+def _image_pixel_module(ds: Dataset, rows: int, columns: int) -> None:
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+
+
+def _stored_values(hu: np.ndarray) -> np.ndarray:
+    """HU + 1024 in 12 bits, the way CT scanners commonly store them (intercept -1024)."""
+    return np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
+
+
+def _geometry(affine: np.ndarray) -> tuple[list[str], list[str], float]:
+    """Image Orientation, Pixel Spacing (row, column) and slice step of an LPS affine."""
+    column_step, row_step = affine[:3, 0], affine[:3, 1]
+    orientation = [*column_step / np.linalg.norm(column_step), *row_step / np.linalg.norm(row_step)]
+    return (
+        [f"{v:.8f}" for v in orientation],
+        [f"{np.linalg.norm(row_step):g}", f"{np.linalg.norm(column_step):g}"],
+        float(np.linalg.norm(affine[:3, 2])),
+    )
+
+
+def series_from_array(
+    hu: np.ndarray,
+    affine_lps: np.ndarray,
+    study: StudyInfo,
+    series_number: int,
+    description: str,
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+) -> list[Dataset]:
+    """Single-frame CT images of ``hu[i, j, k]`` placed in space by ``affine_lps``; image k holds
+    slice k, whatever the direction the affine gives the stack."""
     series_uid = generate_uid()
-    nx, ny, nz = phantom.hu.shape
-    sx, sy, sz = phantom.spacing
-    stored = np.clip(np.rint(phantom.hu + 1024.0), 0, 4095).astype(np.uint16)
+    nz = hu.shape[2]
+    orientation, pixel_spacing, slice_mm = _geometry(affine_lps)
+    stored = _stored_values(hu)
     images = []
     for k in range(nz):
+        position = affine_lps @ np.array([0.0, 0.0, k, 1.0])
         ds = _base(study, CTImageStorage)
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -94,26 +145,62 @@ def ct_series(
         ds.BodyPartExamined = "ABDOMEN"
         ds.PatientPosition = "HFS"
         ds.KVP = "120"
-        ds.SliceThickness = f"{sz:g}"
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in (phantom.origin[0], phantom.origin[1], phantom.origin[2] + k * sz)]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.SliceLocation = f"{phantom.origin[2] + k * sz:.4f}"
-        ds.PixelSpacing = [f"{sy:g}", f"{sx:g}"]  # row spacing, column spacing
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
+        ds.SliceThickness = f"{slice_mm:g}"
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position[:3]]
+        ds.ImageOrientationPatient = orientation
+        ds.PixelSpacing = pixel_spacing
+        _image_pixel_module(ds, hu.shape[1], hu.shape[0])
         ds.RescaleIntercept = "-1024"
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
         images.append(ds)
     return images
+
+
+def enhanced_ct(
+    hu: np.ndarray, affine_lps: np.ndarray, study: StudyInfo, series_number: int, frame_order: list[int]
+) -> Dataset:
+    """One Enhanced CT instance holding slice ``frame_order[f]`` in frame f (functional groups)."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage
+
+    orientation, pixel_spacing, slice_mm = _geometry(affine_lps)
+    stored = _stored_values(hu)
+    ds = _base(study, EnhancedCTImageStorage)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = "Enhanced CT"
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.ContentDate, ds.ContentTime = study.study_date, study.study_time
+    ds.AcquisitionDateTime = study.study_date + study.study_time
+    _image_pixel_module(ds, hu.shape[1], hu.shape[0])
+    ds.NumberOfFrames = len(frame_order)
+
+    measures, plane, transform = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = pixel_spacing
+    measures.SliceThickness = f"{slice_mm:g}"
+    plane.ImageOrientationPatient = orientation
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "-1024", "1", "HU"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for number, k in enumerate(frame_order, start=1):
+        position, content, item = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = [f"{v:.6f}" for v in (affine_lps @ np.array([0.0, 0.0, k, 1.0]))[:3]]
+        content.FrameAcquisitionNumber = 1
+        content.DimensionIndexValues = [number]
+        item.PlanePositionSequence = Sequence([position])
+        item.FrameContentSequence = Sequence([content])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in frame_order])).tobytes()
+    return ds
 
 
 def localizer(study: StudyInfo, series_number: int = 1) -> list[Dataset]:

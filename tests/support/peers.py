@@ -229,6 +229,8 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
             return json.dumps(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
         return str(v).lower() if isinstance(v, bool) else str(v)
 
     lines = ["[node]", f"port = {port}", f"data_dir = {value(str(workdir / 'data'))}"]
