@@ -93,7 +93,7 @@ def segment_description(segment: Segment, info: BundleInfo) -> hd.seg.SegmentDes
         display_color=hd.color.CIELabColor.from_rgb(*segment.codes.color) if segment.codes.color else None,
     )
     if segment.codes.modifier is not None:
-        description.SegmentedPropertyTypeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             hd.sr.CodedConcept.from_code(segment.codes.modifier)
         ]
     return description

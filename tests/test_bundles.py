@@ -1,0 +1,128 @@
+"""Model Zoo bundles, unmodified: their own configs with random weights, on a synthetic CT.
+
+The configuration files of spleen_ct_segmentation (2 channels) and wholeBody_ct_segmentation
+(105 channels) are copied as they are from ../shared/monai-bundles; the test only saves randomly
+initialised weights beside them, as a downloaded bundle has real ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from dicom_node.inference import Bundle, read_bundle_info
+from dicom_node.results.codes import ANATOMY
+from dicom_node.results.equipment import Equipment
+from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.sr import build_sr
+from dicom_node.volume import load_volume, read_frames
+from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
+
+ZOO = Path(__file__).resolve().parents[2] / "shared" / "monai-bundles"
+CPU = torch.device("cpu")
+
+
+def zoo_bundle(name: str, folder: Path, torchscript: bool = False) -> Path:
+    """The Zoo bundle's files untouched, plus random weights as models/model.pt (or .ts)."""
+    bundle = folder / name
+    shutil.copytree(ZOO / name, bundle)
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def").eval()
+    (bundle / "models").mkdir()
+    if torchscript:
+        torch.jit.script(network).save(str(bundle / "models" / "model.ts"))
+    else:
+        torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def ct_volume(tmp_path_factory):
+    phantom = make_phantom((64, 56, 20), (3.2, 3.2, 4.0), seed=21)
+    paths = write_series(ct_series(phantom, StudyInfo(), 5, "zoo input"), tmp_path_factory.mktemp("ct"))
+    return load_volume(read_frames(paths))
+
+
+def dciodvfy_errors(dataset, folder: Path) -> list[str]:
+    path = folder / "object.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("name, channels", [("spleen_ct_segmentation", 2), ("wholeBody_ct_segmentation", 105)])
+def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_path, ct_volume, name, channels):
+    bundle = Bundle(zoo_bundle(name, tmp_path), CPU)
+    assert len(bundle.info.labels) == channels - 1
+    labels = bundle.predict(ct_volume)
+    assert labels.shape == ct_volume.array.shape  # back on the source grid, voxel for voxel
+    assert labels.max() < channels
+    assert bundle.timings["network"] > 0
+
+    segments = segments_of(labels, bundle.info)
+    assert [s.name for s in segments] == [bundle.info.labels[v] for v in sorted(bundle.info.labels)]
+    present = [s for s in segments if s.present]
+    assert present, "random weights still label something"
+    equipment = Equipment("NODE")
+    seg = build_seg(ct_volume, ct_volume.frame_masks(labels), segments, bundle.info, equipment, 900, "zoo")
+    sr = build_sr(ct_volume, seg, segments, bundle.info, equipment, 901, "zoo")
+    assert dciodvfy_errors(seg, tmp_path) == []
+    assert dciodvfy_errors(sr, tmp_path) == []
+
+    read_back = hd.seg.Segmentation.from_dataset(seg)
+    by_label = {d.SegmentLabel: d for d in read_back.SegmentSequence}
+    assert set(by_label) == {s.codes.label for s in present}
+    for segment in present:
+        description = by_label[segment.codes.label]
+        assert description.SegmentedPropertyTypeCodeSequence[0].CodeValue == segment.codes.property_type.value
+        assert description.TrackingID == segment.name
+        if segment.codes.known:
+            assert segment.codes.property_type != ANATOMY, f"{segment.name} should have its own code"
+    if name == "spleen_ct_segmentation":
+        assert by_label["spleen"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
+    else:
+        kidney = by_label.get("kidney_left")
+        if kidney is not None:
+            assert kidney.SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"
+            assert kidney.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    # Labels the model left empty are absent from the SEG and stated absent in the SR.
+    absent = [s.name for s in segments if not s.present]
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    measured = report.get_volumetric_roi_measurement_groups()
+    assert sorted(g.tracking_identifier for g in measured) == sorted(s.name for s in present)
+    stated_absent = [
+        g.tracking_identifier for g in report.get_image_measurement_groups()
+        if any(item.ConceptNameCodeSequence[0].CodeValue == "705057003"
+               and item.ConceptCodeSequence[0].CodeValue == "272519000"
+               for item in g[0].ContentSequence if "ConceptCodeSequence" in item)
+    ]
+    assert sorted(stated_absent) == sorted(absent)
+
+
+def test_torchscript_gives_the_same_output_as_the_state_dict(tmp_path, ct_volume):
+    from_state = Bundle(zoo_bundle("spleen_ct_segmentation", tmp_path / "pt"), CPU).predict(ct_volume)
+    from_script = Bundle(zoo_bundle("spleen_ct_segmentation", tmp_path / "ts", torchscript=True), CPU)
+    assert not (from_script.bundle_dir / "models" / "model.pt").exists()
+    assert np.array_equal(from_script.predict(ct_volume), from_state)
+
+
+def test_a_wrapped_checkpoint_loads_too(tmp_path, ct_volume):
+    bundle_dir = zoo_bundle("spleen_ct_segmentation", tmp_path)
+    plain = Bundle(bundle_dir, CPU).predict(ct_volume)
+    weights = bundle_dir / "models" / "model.pt"
+    torch.save({"model": torch.load(weights, weights_only=True), "epoch": 12}, weights)
+    assert np.array_equal(Bundle(bundle_dir, CPU).predict(ct_volume), plain)
+
+
+def test_bundle_labels_come_from_channel_def():
+    info = read_bundle_info(ZOO / "wholeBody_ct_segmentation")
+    assert info.labels[1] == "spleen" and info.labels[104] == "urinary_bladder" and 0 not in info.labels

@@ -1,0 +1,49 @@
+"""Workers as an operator runs them: warm models, several pipelines per study, time limits."""
+
+from __future__ import annotations
+
+from tests.support.ct_study import DEMO_BUNDLE, small_study
+from tests.support.peers import start_node, storescu, wait_for, write_node_config
+
+
+def demo_pipeline(name: str, **options) -> dict:
+    return {"name": name, "model": str(DEMO_BUNDLE), "select": {"Modality": "CT"}, **options}
+
+
+def test_a_worker_loads_each_model_once_and_every_pipeline_writes_its_own_series(tmp_path, node_port):
+    config = write_node_config(tmp_path / "node", node_port, destinations=[],
+                               pipelines=[demo_pipeline("body"), demo_pipeline("body-again")],
+                               stable_after=1, min_free_disk_mb=0)
+    node = start_node(config, node_port)
+    try:
+        studies = [small_study(tmp_path / f"study{i}", slices=16, seed=i)[1] for i in range(3)]
+        for paths in studies:
+            assert storescu(node.ae_title, node.port, paths).returncode == 0
+        wait_for(lambda: node.query("SELECT count(*) FROM jobs WHERE state = 'done'") == [(6,)], 240, "six jobs")
+        loads = node.query("SELECT message FROM events WHERE message LIKE '%loaded bundle%'")
+        assert len(loads) == 2, loads  # one per pipeline, none for the four jobs after
+        series_numbers = node.query(
+            "SELECT jobs.pipeline, results.kind, count(DISTINCT results.series_uid) FROM results "
+            "JOIN jobs ON jobs.id = results.job_id GROUP BY jobs.pipeline, results.kind"
+        )
+        assert sorted(series_numbers) == [("body", "SEG", 3), ("body", "SR", 3), ("body-again", "SEG", 3),
+                                          ("body-again", "SR", 3)]
+        timings = node.query("SELECT message FROM events WHERE message LIKE '%timings%'")
+        assert len(timings) == 6 and "network" in timings[0][0]
+    finally:
+        node.stop()
+
+
+def test_a_job_over_its_time_limit_fails_with_that_reason(tmp_path, node_port):
+    config = write_node_config(tmp_path / "node", node_port, destinations=[],
+                               pipelines=[demo_pipeline("slow", timeout_seconds=0.05)],
+                               stable_after=1, min_free_disk_mb=0)
+    node = start_node(config, node_port)
+    try:
+        info, paths = small_study(tmp_path / "study", slices=40)
+        assert storescu(node.ae_title, node.port, paths).returncode == 0
+        wait_for(lambda: node.query("SELECT state FROM jobs") == [("failed",)], 120, "the job to fail")
+        assert "exceeded the time limit of 0.05 s" in node.cli("status")
+        assert node.echo()
+    finally:
+        node.stop()
