@@ -1,0 +1,75 @@
+"""Shared pieces of the benchmarks: payloads, peers, and a table printer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.peers import dcmtk_env, free_port, start_node, start_orthanc, wait_for, write_node_config  # noqa: E402,F401
+
+
+def write_ct(folder: Path, slices: int, size: int, series_description: str = "benchmark") -> list[Path]:
+    """A CT series of ``slices`` images of ``size`` x ``size``, uncompressed 16-bit, fast to make."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(slices * 7 + size)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    base = rng.integers(0, 2000, size=(size, size), dtype=np.uint16)
+    paths = []
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientID, ds.PatientName, ds.Modality = "BENCH", "BENCH^MARK", "CT"
+        ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = series_description, 1, k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-200, -200, k * 1.0]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [400 / size, 400 / size]
+        ds.SliceThickness = 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = np.roll(base, k, axis=0).tobytes()
+        path = folder / f"{k:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(ae_title: str, port: int, paths: list[Path], associations: int) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send ``paths`` between them."""
+    chunks = [paths[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, chunk)],
+                         env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for chunk in chunks
+    ]
+    for sender in senders:
+        _, errors = sender.communicate()
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
