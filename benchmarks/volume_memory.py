@@ -15,8 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, write_ct
 
 LOAD = """
 import resource, sys, time
@@ -30,36 +29,6 @@ elapsed = time.perf_counter() - started
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(before * 1024, peak * 1024, volume.array.nbytes, elapsed)
 """
-
-
-def write_series(folder: Path, slices: int, size: int) -> None:
-    import numpy as np
-    from pydicom import Dataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    rng = np.random.default_rng(0)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    base = rng.integers(0, 2000, size=(size, size), dtype=np.uint16)
-    for k in range(slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientID, ds.Modality, ds.InstanceNumber = "BENCH", "CT", k + 1
-        ds.ImagePositionPatient = [-200, -200, k * 0.625]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.78, 0.78]
-        ds.SliceThickness = 0.625
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = np.roll(base, k, axis=0).tobytes()
-        ds.save_as(folder / f"{k:05d}.dcm", enforce_file_format=True)
 
 
 # A fresh parent whose only child is dcm2niix, so RUSAGE_CHILDREN is dcm2niix's own peak.
@@ -85,9 +54,8 @@ def main() -> int:
     args = options.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder, out = Path(scratch) / "series", Path(scratch) / "nifti"
-        folder.mkdir()
         out.mkdir()
-        write_series(folder, args.slices, args.size)
+        write_ct(folder, args.slices, args.size)
         result = subprocess.run([sys.executable, "-c", LOAD, str(folder)], check=True, capture_output=True,
                                 text=True, cwd=ROOT)
         before, peak, volume_bytes, elapsed = (float(v) for v in result.stdout.split())

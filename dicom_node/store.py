@@ -25,24 +25,18 @@ def _safe_uid(uid: str) -> str:
     return uid
 
 
+def _uid_path(root: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    return root / _safe_uid(study_uid) / _safe_uid(series_uid) / f"{_safe_uid(sop_instance_uid)}.dcm"
+
+
 def instance_path(data_dir: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-    return (
-        data_dir
-        / "studies"
-        / _safe_uid(study_uid)
-        / _safe_uid(series_uid)
-        / f"{_safe_uid(sop_instance_uid)}.dcm"
-    )
+    """Where a received instance lives: data_dir/studies/STUDY/SERIES/INSTANCE.dcm."""
+    return _uid_path(data_dir / "studies", study_uid, series_uid, sop_instance_uid)
 
 
 def result_path(data_dir: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-    return (
-        data_dir
-        / "results"
-        / _safe_uid(study_uid)
-        / _safe_uid(series_uid)
-        / f"{_safe_uid(sop_instance_uid)}.dcm"
-    )
+    """Where a result the node made lives: data_dir/results/STUDY/SERIES/INSTANCE.dcm."""
+    return _uid_path(data_dir / "results", study_uid, series_uid, sop_instance_uid)
 
 
 def _fsync_dir(folder: Path) -> None:
