@@ -117,7 +117,7 @@ def codes_for_label(label: str, overrides: dict[str, SegmentCodes] | None = None
         laterality = LATERALITY[rib.group(1)] if rib.group(1) else laterality
     found = _TABLE.get(base)
     if found is None:
-        return SegmentCodes(label, ANATOMY, ANATOMY, known=False)
+        return SegmentCodes(label, ANATOMY, ANATOMY, laterality, known=False)
     return SegmentCodes(label, found[0], found[1], laterality)
 
 
