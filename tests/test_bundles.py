@@ -7,7 +7,9 @@ initialised weights beside them, as a downloaded bundle has real ones.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -25,14 +27,19 @@ from dicom_node.results.sr import build_sr
 from dicom_node.volume import load_volume, read_frames
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
 
-ZOO = Path(__file__).resolve().parents[2] / "shared" / "monai-bundles"
+# The project's shared folder sits beside the repository (as in CI); another place can be named.
+ZOO = Path(os.environ.get("DICOM_NODE_ZOO_BUNDLES", Path(__file__).resolve().parents[2] / "shared" / "monai-bundles"))
 CPU = torch.device("cpu")
 
 
 def zoo_bundle(name: str, folder: Path, torchscript: bool = False) -> Path:
     """The Zoo bundle's files untouched, plus random weights as models/model.pt (or .ts)."""
+    if not (ZOO / name).is_dir():
+        pytest.fail(f"Model Zoo bundle configs not found at {ZOO / name}; set DICOM_NODE_ZOO_BUNDLES")
     bundle = folder / name
     shutil.copytree(ZOO / name, bundle)
+    for path in [bundle, *bundle.rglob("*")]:  # the shared copy may be read-only
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
     parser = ConfigParser()
     parser.read_config(bundle / "configs" / "inference.json")
     torch.manual_seed(0)
