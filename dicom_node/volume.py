@@ -101,19 +101,7 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
             if keyword not in header:
                 raise GeometryError(f"instance {header.SOPInstanceUID} has no {keyword}")
-        return [
-            Frame(
-                header=header,
-                path=path,
-                index=None,
-                position=tuple(float(v) for v in header.ImagePositionPatient),
-                orientation=tuple(float(v) for v in header.ImageOrientationPatient),
-                pixel_spacing=tuple(float(v) for v in header.PixelSpacing),
-                slope=float(header.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(header.get("RescaleIntercept", 0.0) or 0.0),
-                stack_values=_stack_values(header),
-            )
-        ]
+        return [_frame(header, path, None, header, header, header, header, _stack_values(header))]
     frames = []
     for index, per_frame in enumerate(header.PerFrameFunctionalGroupsSequence):
         position = _functional_group(header, per_frame, "PlanePositionSequence")
@@ -124,19 +112,25 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
             raise GeometryError(f"frame {index + 1} of {header.SOPInstanceUID} lacks plane position or orientation")
         content = _first(per_frame, "FrameContentSequence")
         frames.append(
-            Frame(
-                header=header,
-                path=path,
-                index=index,
-                position=tuple(float(v) for v in position.ImagePositionPatient),
-                orientation=tuple(float(v) for v in orientation.ImageOrientationPatient),
-                pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),
-                slope=float(transform.get("RescaleSlope", 1.0)) if transform else 1.0,
-                intercept=float(transform.get("RescaleIntercept", 0.0)) if transform else 0.0,
-                stack_values=_stack_values(content, header),
-            )
+            _frame(header, path, index, position, orientation, measures, transform, _stack_values(content, header))
         )
     return frames
+
+
+def _frame(header, path, index, position, orientation, measures, transform, stack_values) -> Frame:
+    """A frame from the datasets holding its geometry: the image itself for a single-frame
+    image, its functional group items for a frame of a multi-frame one."""
+    return Frame(
+        header=header,
+        path=path,
+        index=index,
+        position=tuple(float(v) for v in position.ImagePositionPatient),
+        orientation=tuple(float(v) for v in orientation.ImageOrientationPatient),
+        pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),
+        slope=float(transform.get("RescaleSlope", 1.0) or 1.0) if transform is not None else 1.0,
+        intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0) if transform is not None else 0.0,
+        stack_values=stack_values,
+    )
 
 
 def read_frames(paths: list[Path]) -> list[Frame]:

@@ -105,13 +105,23 @@ def test_kill_while_receiving_loses_no_acknowledged_instance(tmp_path, orthanc, 
         node.stop()
 
 
-def test_kill_while_a_job_runs_resumes_it(tmp_path, orthanc, node_port):
+def node_with_a_running_job(tmp_path, orthanc, node_port):
+    """A node that has just started the job of a small study it received."""
     info, paths = small_study(tmp_path / "study")
     config = node_config(tmp_path, node_port, orthanc)
     node = start_node(config, node_port)
     try:
         assert storescu("DICOMNODE", node_port, paths).returncode == 0
         wait_for(lambda: "running" in job_states(node), 60, "the job to run", 0.02)
+    except BaseException:
+        node.stop()
+        raise
+    return info, config, node
+
+
+def test_kill_while_a_job_runs_resumes_it(tmp_path, orthanc, node_port):
+    info, config, node = node_with_a_running_job(tmp_path, orthanc, node_port)
+    try:
         # As in a power cut: the worker dies with the node, nothing gets to release the job.
         [(worker,)] = node.query("SELECT worker FROM jobs")
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
@@ -231,12 +241,8 @@ def test_a_series_the_model_cannot_take_fails_with_a_reason_and_can_be_retried(t
 
 
 def test_sigterm_releases_the_running_job_for_the_next_start(tmp_path, orthanc, node_port):
-    info, paths = small_study(tmp_path / "study")
-    config = node_config(tmp_path, node_port, orthanc)
-    node = start_node(config, node_port)
+    info, config, node = node_with_a_running_job(tmp_path, orthanc, node_port)
     try:
-        assert storescu("DICOMNODE", node_port, paths).returncode == 0
-        wait_for(lambda: "running" in job_states(node), 60, "the job to run", 0.02)
         node.process.send_signal(signal.SIGTERM)
         assert node.process.wait(timeout=60) == 0
         assert node.query("SELECT state, attempts FROM jobs") == [("queued", 0)]
