@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,10 @@ class StackFacts:
     def orientation(self) -> str | None:
         return plane_of(self.frames[0].normal) if self.frames else None
 
+    @cached_property
     def _steps(self) -> np.ndarray:
+        """Distances between consecutive positions along the normal; computed once per stack,
+        since the label, the preference order and the facts all ask for it."""
         if len(self.frames) < 2:
             return np.array([])
         normal = self.frames[0].normal
@@ -75,12 +79,12 @@ class StackFacts:
 
     @property
     def slice_spacing(self) -> float | None:
-        steps = self._steps()
+        steps = self._steps
         return float(np.median(steps)) if steps.size else None
 
     @property
     def uniform_spacing(self) -> bool:
-        steps = self._steps()
+        steps = self._steps
         return bool(steps.size) and bool(steps.min() > 0) and steps.max() - steps.min() <= SPACING_TOLERANCE * steps.mean()
 
     @property
