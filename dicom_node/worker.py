@@ -56,6 +56,24 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def classify_failure(error: Exception, timeout_seconds: float) -> tuple[str, bool]:
+    """The operator-facing reason, and whether a retry could change it. MONAI wraps errors
+    raised inside transforms (RuntimeError "applying transform ..."), so the whole chain of
+    causes is looked at: a time limit hit during preprocessing is still a time limit."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for cause in chain:
+        if isinstance(cause, JobTimeout):
+            return f"exceeded the time limit of {timeout_seconds:g} s (timeout_seconds)", True
+        if isinstance(cause, (MemoryError, torch.OutOfMemoryError)):
+            return f"ran out of memory ({type(cause).__name__}: {cause})"[:500], True
+    if isinstance(error, PERMANENT_FAILURES):
+        return str(error), True
+    log.error("job crashed:\n%s", traceback.format_exc())
+    return f"{type(error).__name__}: {error}", False
+
+
 def _raise_timeout(_signum, _frame) -> None:
     raise JobTimeout()
 
@@ -126,15 +144,8 @@ class Worker:
         except ShutdownRequested:
             jobs.release(self.engine, job["id"], self.name)
             raise
-        except JobTimeout:
-            self._fail(job, f"exceeded the time limit of {pipeline.timeout_seconds:g} s (timeout_seconds)", True)
-        except (MemoryError, torch.OutOfMemoryError) as error:
-            self._fail(job, f"ran out of memory ({type(error).__name__}: {error})"[:500], permanent=True)
-        except PERMANENT_FAILURES as error:
-            self._fail(job, str(error), permanent=True)
         except Exception as error:  # noqa: BLE001 - a job's crash must never take the worker down
-            log.error("job %s crashed:\n%s", job["id"], traceback.format_exc())
-            self._fail(job, f"{type(error).__name__}: {error}", permanent=False)
+            self._fail(job, *classify_failure(error, pipeline.timeout_seconds))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             stop_renewing.set()

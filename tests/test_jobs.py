@@ -86,3 +86,18 @@ def test_a_stat_flag_raises_the_priority(tmp_path):
     assert job_priority(config, "p", facts) == 51
     header.RequestedProcedurePriority = "ROUTINE"
     assert job_priority(config, "p", facts) == 1
+
+
+def test_a_time_limit_wrapped_by_a_monai_transform_is_still_a_time_limit():
+    from dicom_node.volume import GeometryError
+    from dicom_node.worker import JobTimeout, classify_failure
+
+    try:
+        try:
+            raise JobTimeout()
+        except JobTimeout as inner:
+            raise RuntimeError("applying transform <Spacingd>") from inner
+    except RuntimeError as wrapped:
+        assert classify_failure(wrapped, 5) == ("exceeded the time limit of 5 s (timeout_seconds)", True)
+    assert classify_failure(GeometryError("uneven"), 5) == ("uneven", True)
+    assert classify_failure(OSError("disk hiccup"), 5) == ("OSError: disk hiccup", False)
