@@ -19,7 +19,7 @@ What cannot be represented exactly is refused with a reason rather than silently
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,26 +232,54 @@ class Volume:
         """Masks in source-image layout: ``result[k]`` is ``(rows, columns)`` of ``frames[k]``."""
         if labels.shape != self.array.shape:
             raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
+        # No copy when labels come from Bundle.predict, which lays them out frame by frame.
         return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
 
 
-def load_volume(frames: list[Frame]) -> Volume:
-    """Decode the frames of one stack into a float32 volume of modality values.
+class _DecodedFiles:
+    """Decodes each file once and keeps its pixels only until its last frame has been placed."""
 
-    Each file is decoded once, and only one file's pixels are held besides the volume: peak
-    memory stays near the size of the float32 volume itself.
+    def __init__(self, ordered: list[Frame]) -> None:
+        self._uses_left = Counter(frame.path for frame in ordered)
+        self._pixels: dict[Path, np.ndarray] = {}
+
+    def plane(self, frame: Frame) -> np.ndarray:
+        pixels = self._pixels.get(frame.path)
+        if pixels is None:
+            pixels = self._pixels[frame.path] = pydicom.dcmread(frame.path).pixel_array
+        self._uses_left[frame.path] -= 1
+        if self._uses_left[frame.path] == 0:
+            del self._pixels[frame.path]
+        return pixels if frame.index is None else pixels[frame.index]
+
+
+# Slices scaled into a staging block before being transposed into the volume together: one
+# slice at a time would scatter every voxel a whole slice stack apart (k is the fastest axis).
+_STAGED_SLICES = 32
+
+
+def load_volume(frames: list[Frame]) -> Volume:
+    """Decode the frames of one stack into a C-ordered float32 volume of modality values.
+
+    C order because MONAI's resampling copies anything else into it first, which costs more than
+    building the volume. Peak memory stays near the volume itself: besides it, only a file's
+    pixels until its frames are placed and a staging block of a few slices.
     """
+    # here, not at the top: the receiving process reads headers and needs no torch
+    import torch
+
+    from .layout import copy_reversed_axes
+
     ordered = order_frames(frames)
     rows, columns = ordered[0].shape
     array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
-    by_path: dict[Path, list[tuple[int, Frame]]] = defaultdict(list)
-    for k, frame in enumerate(ordered):
-        by_path[frame.path].append((k, frame))
-    for path, members in by_path.items():
-        pixels = pydicom.dcmread(path).pixel_array
-        for k, frame in members:
-            plane = pixels if frame.index is None else pixels[frame.index]
-            np.multiply(plane.T, frame.slope, out=array[:, :, k], casting="unsafe")
-            array[:, :, k] += frame.intercept
-        del pixels
+    staging = np.empty((min(_STAGED_SLICES, len(ordered)), rows, columns), dtype=np.float32)
+    decoded = _DecodedFiles(ordered)
+    for start in range(0, len(ordered), _STAGED_SLICES):
+        block = ordered[start : start + _STAGED_SLICES]
+        for n, frame in enumerate(block):
+            np.multiply(decoded.plane(frame), frame.slope, out=staging[n], casting="unsafe")
+            staging[n] += frame.intercept
+        placed = torch.from_numpy(array)[:, :, start : start + len(block)]
+        copy_reversed_axes(torch.from_numpy(staging[: len(block)]), placed)
     return Volume(array=array, affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)

@@ -45,7 +45,7 @@ def segments_of(
     labels: np.ndarray, info: BundleInfo, overrides: dict[str, SegmentCodes] | None = None
 ) -> list[Segment]:
     """Every label of the bundle; those the model produced are numbered 1..n in label order."""
-    counts = np.bincount(labels.ravel(), minlength=max(info.labels, default=0) + 1)
+    counts = np.bincount(labels.ravel(order="K"), minlength=max(info.labels, default=0) + 1)  # K: no copy
     segments, number = [], 0
     for value, name in sorted(info.labels.items()):
         present = counts[value] > 0
@@ -63,6 +63,8 @@ def _segment_label_map(per_slice_labels: np.ndarray, segments: list[Segment]) ->
     for segment in segments:
         if segment.present and segment.label_value < lookup.size:
             lookup[segment.label_value] = segment.number
+    if np.array_equal(lookup, np.arange(lookup.size)):
+        return per_slice_labels  # labels 1..n all present: already Segment Numbers
     return lookup[per_slice_labels]
 
 
