@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := orthanc dcmtk dicom3tools dcm2niix
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools dcm2niix chromium
 CONFIG ?= deploy/example.toml
 
 .PHONY: install system-packages run test
@@ -19,7 +19,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-# Real peers for the tests: Orthanc as the PACS, DCMTK as modalities, dicom3tools to validate.
+# Real peers for the tests: Orthanc as the PACS (with DICOMweb for the viewer), DCMTK as
+# modalities, dicom3tools to validate, Chromium to run the OHIF viewer.
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

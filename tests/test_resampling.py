@@ -29,7 +29,7 @@ def test_axis_aligned_nearest_equals_grid_sample(padding_mode: str, align_corner
         source = torch.as_tensor(rng.integers(0, 5, size=(1, 2, *rng.integers(2, 30, size=3))).astype(np.float64))
         theta = _random_axis_aligned(rng)
         size = tuple(int(s) for s in rng.integers(2, 40, size=3))
-        options = dict(normalized=False, mode="nearest", padding_mode=padding_mode, align_corners=align_corners)
+        options = {"normalized": False, "mode": "nearest", "padding_mode": padding_mode, "align_corners": align_corners}
         expected = AffineTransform(**options)(source, theta=theta, spatial_size=size)
         fast = SeparableAffineTransform(**options)
         assert fast._axis_indices(source, theta, size) is not None, "the shortcut was not taken"
@@ -41,13 +41,13 @@ def test_rotation_and_bilinear_fall_back_to_monai() -> None:
     angle = 0.3
     rotation = torch.eye(4, dtype=torch.float64)
     rotation[:2, :2] = torch.tensor([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    nearest = dict(normalized=False, mode="nearest", padding_mode="zeros")
+    nearest = {"normalized": False, "mode": "nearest", "padding_mode": "zeros"}
     assert SeparableAffineTransform(**nearest)._axis_indices(source, rotation, (10, 11, 12)) is None
     assert torch.equal(
         SeparableAffineTransform(**nearest)(source, theta=rotation, spatial_size=(10, 11, 12)),
         AffineTransform(**nearest)(source, theta=rotation, spatial_size=(10, 11, 12)),
     )
-    bilinear = dict(normalized=False, mode="bilinear", padding_mode="zeros")
+    bilinear = {"normalized": False, "mode": "bilinear", "padding_mode": "zeros"}
     scale = torch.diag(torch.tensor([0.5, 0.5, 0.5, 1.0], dtype=torch.float64))
     assert SeparableAffineTransform(**bilinear)._axis_indices(source, scale, (20, 22, 24)) is None
 

@@ -120,7 +120,13 @@ def storescu(ae_title: str, port: int, paths: list[Path], *options: str, timeout
     )
 
 
-def start_orthanc(workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC") -> Orthanc:
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
+
+
+def start_orthanc(
+    workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC", dicomweb: bool = False
+) -> Orthanc:
+    """A fresh Orthanc; with ``dicomweb``, its DICOMweb plugin serves ``/dicom-web/`` (for viewers)."""
     if shutil.which("Orthanc") is None:
         raise RuntimeError("Orthanc is not installed: run `make test`, which installs the system packages")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +145,12 @@ def start_orthanc(workdir: Path, modalities: dict[str, list], ae_title: str = "O
         "Plugins": [],
         "StableAge": 2,
     }
+    if dicomweb:
+        if not DICOMWEB_PLUGIN.exists():
+            raise RuntimeError(f"{DICOMWEB_PLUGIN} is missing: run `make test`, which installs orthanc-dicomweb")
+        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
+                              "SeriesMetadata": "Full"}
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
