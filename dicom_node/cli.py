@@ -32,12 +32,15 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "run only inference workers against a shared database"),
         ("status", "print each study with its state, jobs and results"),
         ("retry", "re-queue failed jobs (of the given studies, or all) and send pending results now"),
+        ("rerun", "run the finished jobs of the given studies again; new results supersede the old"),
         ("explain", "print, series by series, why each pipeline takes it or not"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
         if name == "retry":
             command.add_argument("studies", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs")
+        if name == "rerun":
+            command.add_argument("studies", nargs="+", metavar="STUDY_UID", help="Study Instance UIDs")
         if name == "explain":
             command.add_argument("study", metavar="STUDY_UID", help="a stored study's Study Instance UID")
     return parser
@@ -68,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         from .jobs import requeue_failed
 
         print(f"{requeue_failed(engine, args.studies)} failed job(s) re-queued")
+        return 0
+    if args.command == "rerun":
+        from .jobs import rerun
+
+        print(f"{rerun(engine, args.studies)} job(s) queued to run again")
         return 0
     if args.command == "explain":
         from .completion import explain

@@ -26,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -104,6 +105,9 @@ results = Table(
     Column("series_uid", String(64), nullable=False),
     Column("path", Text, nullable=False),
     Column("created_at", Float, nullable=False),
+    # The result of the same kind that this one replaces: the same series and pipeline run
+    # before (re-run by an operator, or re-opened by a late instance). UIDs are never reused.
+    Column("supersedes", ForeignKey("results.id")),
 )
 
 deliveries = Table(
@@ -162,7 +166,29 @@ def connect(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     metadata.create_all(engine, checkfirst=True)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added since a database was created, added to it in place (all nullable)."""
+    inspector = inspect(engine)
+    missing = []
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [(table, column) for column in table.columns if column.name not in present]
+    if not missing:
+        return  # the usual case: no write transaction, so every process of the node may call this
+    with engine.begin() as connection:
+        now_present = inspect(connection)  # again, under the write lock: another process may have won
+        for table, column in missing:
+            if column.name in {c["name"] for c in now_present.get_columns(table.name)}:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"{table.name}.{column.name} is new and required: the database "
+                                   "predates it and needs migrating by hand")
+            kind = column.type.compile(dialect=engine.dialect)
+            connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
 def upsert(engine: Engine, table: Table):

@@ -161,6 +161,26 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> int:
     return len(failed)
 
 
+def rerun(engine: Engine, study_uids: list[str]) -> int:
+    """`dicom-node rerun`: the finished jobs of these studies run again (after a model update, say).
+
+    Their new SEG and SR get new UIDs and are recorded as superseding the earlier ones.
+    """
+    with engine.begin() as connection:
+        finished = connection.execute(
+            select(db.jobs.c.id, db.jobs.c.study_uid)
+            .where(db.jobs.c.state.in_(("done", "failed")), db.jobs.c.study_uid.in_(study_uids))
+        ).all()
+        for job_id, study_uid in finished:
+            connection.execute(
+                update(db.jobs)
+                .where(db.jobs.c.id == job_id)
+                .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
+            )
+            db.log_event(connection, study_uid, "info", f"job {job_id} re-run by an operator")
+    return len(finished)
+
+
 def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None) -> None:
     connection.execute(
         update(db.jobs)

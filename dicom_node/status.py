@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, exists, select
 
 from . import db
 
@@ -64,14 +64,17 @@ def collect(engine: Engine) -> list[StudyView]:
                 view = JobView(
                     job["id"], job["pipeline"], job["series_uid"], job["state"], job["attempts"], job["reason"]
                 )
+                newer = db.results.alias("newer")
+                superseded = exists().where(newer.c.supersedes == db.results.c.id)
                 rows = connection.execute(
                     select(db.results.c.kind, db.results.c.sop_instance_uid, db.deliveries.c.destination,
-                           db.deliveries.c.state, db.deliveries.c.last_error)
+                           db.deliveries.c.state, db.deliveries.c.last_error, superseded.label("superseded"))
                     .join(db.deliveries, db.deliveries.c.result_id == db.results.c.id, isouter=True)
                     .where(db.results.c.job_id == job["id"])
+                    .order_by(db.results.c.id)
                 ).all()
-                for kind, uid, destination, state, error in rows:
-                    line = f"{kind} {uid}"
+                for kind, uid, destination, state, error, is_superseded in rows:
+                    line = f"{kind} {uid}" + (" (superseded)" if is_superseded else "")
                     if destination:
                         line += f" -> {destination}: {state}" + (f" ({error})" if error and state != "sent" else "")
                         pending += state == "pending"

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import torch
 from sqlalchemy import Engine, select
 
@@ -174,6 +175,22 @@ class Worker:
             ).all()
         return [Path(path) for (path,) in rows]
 
+    def _previous_results(self, job) -> dict:
+        """The newest result of each kind made earlier for the same series, stack and pipeline."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(db.results.c.id, db.results.c.kind, db.results.c.sop_instance_uid, db.results.c.path)
+                .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
+                .where(
+                    db.jobs.c.study_uid == job["study_uid"],
+                    db.jobs.c.series_uid == job["series_uid"],
+                    db.jobs.c.stack == job["stack"],
+                    db.jobs.c.pipeline == job["pipeline"],
+                )
+                .order_by(db.results.c.id)
+            ).all()
+        return {row.kind: row for row in rows}  # later rows overwrite earlier ones
+
     def _run(self, job, pipeline: Pipeline) -> None:
         timings: dict[str, float] = {}
         started = time.perf_counter()
@@ -194,7 +211,10 @@ class Worker:
         if any(segment.present for segment in segments):
             seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, self.equipment,
                             series_number, f"SEG {description}")
-        sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}")
+        previous = self._previous_results(job)
+        previous_sr = [pydicom.dcmread(previous["SR"].path)] if "SR" in previous and Path(previous["SR"].path).exists() else []
+        sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}",
+                      previous_sr)
         timings["encode"] = time.perf_counter() - encoding
         written = []
         for kind, dataset in (("SEG", seg), ("SR", sr)):
@@ -218,6 +238,7 @@ class Worker:
                         series_uid=dataset.SeriesInstanceUID,
                         path=str(path),
                         created_at=db.now(),
+                        supersedes=previous[kind].id if kind in previous else None,
                     )
                 ).inserted_primary_key[0]
                 for destination in pipeline.destinations:
@@ -232,6 +253,10 @@ class Worker:
             summary = f"results of job {job['id']}: " + (", ".join(found) or "no label found")
             if absent:
                 summary += f"; absent: {', '.join(absent)}"
+            if previous:
+                summary += "; they supersede " + ", ".join(
+                    f"{kind} {row.sop_instance_uid}" for kind, row in sorted(previous.items())
+                )
             db.log_event(connection, study, "info", summary)
             if unknown:
                 db.log_event(connection, study, "warning",

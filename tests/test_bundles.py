@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -26,6 +25,7 @@ from dicom_node.results.seg import build_seg, segments_of
 from dicom_node.results.sr import build_sr
 from dicom_node.volume import load_volume, read_frames
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
+from tests.support.validators import dciodvfy_errors
 
 # The project's shared folder sits beside the repository (as in CI); another place can be named.
 ZOO = Path(os.environ.get("DICOM_NODE_ZOO_BUNDLES", Path(__file__).resolve().parents[2] / "shared" / "monai-bundles"))
@@ -59,11 +59,10 @@ def ct_volume(tmp_path_factory):
     return load_volume(read_frames(paths))
 
 
-def dciodvfy_errors(dataset, folder: Path) -> list[str]:
+def saved_errors(dataset, folder: Path) -> list[str]:
     path = folder / "object.dcm"
     dataset.save_as(path, enforce_file_format=True)
-    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
-    return [line for line in output.splitlines() if line.startswith("Error")]
+    return dciodvfy_errors(path)
 
 
 @pytest.mark.parametrize("name, channels", [("spleen_ct_segmentation", 2), ("wholeBody_ct_segmentation", 105)])
@@ -82,8 +81,8 @@ def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_pat
     equipment = Equipment("NODE")
     seg = build_seg(ct_volume, ct_volume.frame_masks(labels), segments, bundle.info, equipment, 900, "zoo")
     sr = build_sr(ct_volume, seg, segments, bundle.info, equipment, 901, "zoo")
-    assert dciodvfy_errors(seg, tmp_path) == []
-    assert dciodvfy_errors(sr, tmp_path) == []
+    assert saved_errors(seg, tmp_path) == []
+    assert saved_errors(sr, tmp_path) == []
 
     read_back = hd.seg.Segmentation.from_dataset(seg)
     by_label = {d.SegmentLabel: d for d in read_back.SegmentSequence}

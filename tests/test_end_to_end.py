@@ -9,8 +9,6 @@ truth (Dice >= 0.9).
 
 from __future__ import annotations
 
-import subprocess
-
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -18,13 +16,10 @@ import pytest
 
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, localizer, make_phantom, write_series
 from tests.support.peers import start_node, wait_for, write_node_config
+from tests.support.validators import dciodvfy_errors
 
 FOV_PIXELS, PIXEL_MM = 192, 1.8
 
-
-def dciodvfy_errors(path) -> list[str]:
-    output = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
-    return [line for line in output.splitlines() if line.startswith("Error")]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, small_study, write_series, ct_series, make_phantom
+from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, small_study, write_series
 from tests.support.peers import (
     dcmtk_env,
     free_port,

@@ -100,7 +100,7 @@ def test_volume_agrees_with_dcm2niix(tmp_path, geometry):
     world = volume.affine_ras @ np.vstack([ijk, np.ones(ijk.shape[1])])
     ref_index = (np.linalg.inv(reference.affine) @ world)[:3]
     ref_ijk = np.rint(ref_index).astype(int)
-    residual_mm = np.abs((reference.affine[:3, :3] @ (ref_index - ref_ijk))).max()
+    residual_mm = np.abs(reference.affine[:3, :3] @ (ref_index - ref_ijk)).max()
     assert residual_mm < 1e-3, f"voxel centres differ by {residual_mm:.2e} mm"
     ref_data = np.asarray(reference.dataobj, dtype=np.float32)
     assert np.array_equal(ref_data[tuple(ref_ijk)], volume.array.reshape(-1))

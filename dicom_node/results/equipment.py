@@ -26,6 +26,13 @@ class Equipment:
     def software_versions(self) -> str:
         return __version__
 
+    def describe(self, dataset) -> None:
+        """Fill the (Enhanced) General Equipment module of an object the node created."""
+        dataset.Manufacturer = MANUFACTURER
+        dataset.ManufacturerModelName = MODEL_NAME
+        dataset.SoftwareVersions = self.software_versions
+        dataset.DeviceSerialNumber = self.serial_number
+
     @property
     def device_uid(self) -> str:
         """Stable per node: the same AE title always yields the same device UID."""

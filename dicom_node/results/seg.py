@@ -48,7 +48,7 @@ def segments_of(
     counts = np.bincount(labels.ravel(order="K"), minlength=max(info.labels, default=0) + 1)  # K: no copy
     segments, number = [], 0
     for value, name in sorted(info.labels.items()):
-        present = counts[value] > 0
+        present = bool(counts[value] > 0)
         number += present
         segments.append(
             Segment(number if present else None, value, name, codes_for_label(name, overrides), int(counts[value]))

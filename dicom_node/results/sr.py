@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -76,9 +77,14 @@ def build_sr(
     equipment: Equipment,
     series_number: int,
     series_description: str,
+    previous_versions: list[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report of every label: a volume for each present one, "absent" for the others.
-    ``seg`` is None when the model found none of its labels."""
+
+    ``seg`` is None when the model found none of its labels. ``previous_versions`` are the
+    reports this one replaces (the same series and pipeline run before): they are listed as its
+    Predecessor Documents, so that a reader of the new report can tell it is a revision.
+    """
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -103,7 +109,7 @@ def build_sr(
         imaging_measurements=groups,
         language_of_content_item_and_descendants=hd.sr.LanguageOfContentItemAndDescendants(language=ENGLISH),
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[*([seg] if seg is not None else []), *volume.source_headers],
         content=report,
         series_instance_uid=generate_uid(),
@@ -113,4 +119,7 @@ def build_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=series_description[:64],
+        previous_versions=previous_versions or None,
     )
+    equipment.describe(sr)  # highdicom fills only the manufacturer of the equipment module
+    return sr

@@ -19,7 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "models" / "ct_body_demo"
 sys.path.insert(0, str(DEMO_BUNDLE))
-from scripts.phantoms import Phantom, make_phantom  # noqa: E402
+from scripts.phantoms import Phantom, make_phantom
 
 __all__ = ["DEMO_BUNDLE", "Phantom", "StudyInfo", "ct_series", "make_phantom", "write_series"]
 

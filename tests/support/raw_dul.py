@@ -79,7 +79,7 @@ class RawAssociation:
         while len(chunks) < size:
             try:
                 chunk = self.sock.recv(size - len(chunks))
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 return None
             if not chunk:
                 return None
