@@ -123,6 +123,11 @@ class Pipeline(Strict):
     segments: Path | None = Field(
         None, description="A TOML file overriding segment names, codes and colours (docs/segments.md)."
     )
+    outlines: bool = Field(
+        False,
+        description="Also send a Secondary Capture series (Series Number of the SEG + 2): each source image "
+        "with a segment, the segments outlined, for PACS and viewers that cannot display SEG.",
+    )
     timeout_seconds: float = Field(
         1800.0, gt=0, description="A job running longer fails with that reason and frees what it held."
     )

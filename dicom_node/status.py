@@ -6,6 +6,7 @@ from its jobs (queued, running, failed) and its deliveries (sending), else done.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, exists, select
@@ -73,12 +74,20 @@ def collect(engine: Engine) -> list[StudyView]:
                     .where(db.results.c.job_id == job["id"])
                     .order_by(db.results.c.id)
                 ).all()
+                outline_images: dict[str, Counter] = defaultdict(Counter)  # destination -> states
                 for kind, uid, destination, state, error, is_superseded in rows:
+                    pending += state == "pending"
+                    if kind == "SC":  # one line for the whole outline series
+                        outline_images[destination or ""][state or "kept"] += 1
+                        continue
                     line = f"{kind} {uid}" + (" (superseded)" if is_superseded else "")
                     if destination:
                         line += f" -> {destination}: {state}" + (f" ({error})" if error and state != "sent" else "")
-                        pending += state == "pending"
                     view.results.append(line)
+                for destination, states in outline_images.items():
+                    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+                    view.results.append("SC outline images" + (f" -> {destination}" if destination else "") +
+                                        f": {counts}")
                 job_views.append(view)
             state = study_state(study["state"] == "receiving", [j.state for j in job_views], pending)
             views.append(

@@ -29,6 +29,7 @@ from .config import Config, Pipeline
 from .inference import Bundle, BundleError, choose_device
 from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
+from .results.outlines import build_outline_images
 from .results.seg import build_seg, segments_of
 from .results.sr import build_sr
 from .volume import GeometryError, load_volume, read_frames, split_stacks
@@ -176,7 +177,10 @@ class Worker:
         return [Path(path) for (path,) in rows]
 
     def _previous_results(self, job) -> dict:
-        """The newest result of each kind made earlier for the same series, stack and pipeline."""
+        """The newest SEG and SR made earlier for the same series, stack and pipeline.
+
+        Outline images are left out: a set of pictures has no counterpart image by image.
+        """
         with self.engine.connect() as connection:
             rows = connection.execute(
                 select(db.results.c.id, db.results.c.kind, db.results.c.sop_instance_uid, db.results.c.path)
@@ -186,6 +190,7 @@ class Worker:
                     db.jobs.c.series_uid == job["series_uid"],
                     db.jobs.c.stack == job["stack"],
                     db.jobs.c.pipeline == job["pipeline"],
+                    db.results.c.kind.in_(("SEG", "SR")),
                 )
                 .order_by(db.results.c.id)
             ).all()
@@ -215,11 +220,14 @@ class Worker:
         previous_sr = [pydicom.dcmread(previous["SR"].path)] if "SR" in previous and Path(previous["SR"].path).exists() else []
         sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}",
                       previous_sr)
+        outputs = [("SEG", seg), ("SR", sr)] if seg is not None else [("SR", sr)]
+        if pipeline.outlines and seg is not None:
+            outputs += [("SC", image) for image in build_outline_images(
+                volume, volume.frame_masks(labels), segments, self.equipment, series_number + 2,
+                f"Outlines {description}")]
         timings["encode"] = time.perf_counter() - encoding
         written = []
-        for kind, dataset in (("SEG", seg), ("SR", sr)):
-            if dataset is None:
-                continue
+        for kind, dataset in outputs:
             path = store.result_path(
                 self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
             )

@@ -13,6 +13,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from scipy.ndimage import binary_erosion
 
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, localizer, make_phantom, write_series
 from tests.support.peers import start_node, wait_for, write_node_config
@@ -45,7 +46,8 @@ def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, s
         node_port,
         destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
         pipelines=[
-            {"name": "ct-demo", "model": str(DEMO_BUNDLE), "destinations": ["pacs"], "select": {"Modality": "CT"}}
+            {"name": "ct-demo", "model": str(DEMO_BUNDLE), "destinations": ["pacs"], "select": {"Modality": "CT"},
+             "outlines": True}
         ],
         stable_after=2,
     )
@@ -56,7 +58,8 @@ def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, s
 
         def results_in_pacs():
             modalities = {s["MainDicomTags"].get("Modality"): s for s in orthanc.get(f"/studies/{study_id}/series")}
-            return modalities if {"SEG", "SR"} <= modalities.keys() else None
+            complete = {"SEG", "SR", "OT"} <= modalities.keys() and len(modalities["OT"]["Instances"]) == 60
+            return modalities if complete else None
 
         series = wait_for(results_in_pacs, 300, "SEG and SR in Orthanc", interval=1.0)
         status = node.cli("status")
@@ -73,6 +76,7 @@ def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, s
         assert dciodvfy_errors(path) == [], f"dciodvfy found errors in the {modality}"
         objects[modality] = pydicom.dcmread(path)
     seg_ds, sr_ds = objects["SEG"], objects["SR"]
+    outline_ids = series["OT"]["Instances"]
     assert seg_ds.StudyInstanceUID == sr_ds.StudyInstanceUID == info.study_uid
 
     # The SEG references the thin series (the rule's preference), frame by frame, on position.
@@ -109,3 +113,25 @@ def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, s
         )
         [volume] = group.get_measurements(name=pydicom.sr.codedict.codes.SCT.Volume)
         assert volume.value > 0 and volume.unit.value == "mL"
+
+    # The optional outline images: valid Secondary Capture, each drawn on its own source image
+    # exactly along the edges of the SEG's segments there.
+    sources_in_seg = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                      for f in seg_ds.PerFrameFunctionalGroupsSequence}
+    assert len(outline_ids) == len(sources_in_seg)
+    for index, instance_id in enumerate(outline_ids[::15]):
+        path = artifacts / f"SC-{index}.dcm"
+        path.write_bytes(orthanc.get(f"/instances/{instance_id}/file"))
+        assert dciodvfy_errors(path) == [], "dciodvfy found errors in a secondary capture image"
+        outline = pydicom.dcmread(path)
+        source_uid = outline.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert outline.StudyInstanceUID == info.study_uid and outline.PatientID == info.patient_id
+        per_segment = seg.get_pixels_by_source_instance([source_uid], segment_numbers=sorted(labels.values()))[0]
+        edges = np.zeros(per_segment.shape[:2], dtype=bool)
+        for channel in range(per_segment.shape[-1]):
+            mask = per_segment[..., channel] > 0
+            edges |= mask & ~binary_erosion(mask)
+        rgb = outline.pixel_array.astype(int)
+        drawn = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 60
+        assert drawn.sum() > 0 and (drawn & edges).sum() >= 0.95 * drawn.sum(), "outlines off the SEG's edges"
+        assert (drawn & edges).sum() >= 0.9 * edges.sum(), "segment edges missing from the outline image"
