@@ -59,9 +59,10 @@ def main() -> int:
                 "SELECT last_received_at, completed_at FROM studies WHERE study_uid = ?", info.study_uid)
             [(job_id, started, finished)] = node.query(
                 "SELECT id, started_at, finished_at FROM jobs WHERE study_uid = ?", info.study_uid)
-            [(sent,)] = node.query(
+            # Orthanc may hold the results a moment before the node has recorded their delivery.
+            [(sent,)] = wait_for(lambda: node.query(
                 "SELECT max(sent_at) FROM deliveries JOIN results ON results.id = deliveries.result_id "
-                "WHERE results.job_id = ?", job_id)
+                "WHERE results.job_id = ? HAVING count(sent_at) = count(*)", job_id), 60, "delivery records")
             [(timings,)] = node.query("SELECT message FROM events WHERE message LIKE ?", f"job {job_id} timings:%")
         finally:
             node.stop()

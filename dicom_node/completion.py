@@ -61,7 +61,7 @@ def job_priority(config: Config, pipeline_name: str, stack: StackFacts) -> int:
 def complete_quiet_studies(config: Config, engine: Engine) -> int:
     """Mark every quiet study complete and queue its jobs; returns how many were completed."""
     cutoff = db.now() - config.node.stable_after
-    with engine.connect() as connection:
+    with db.reading(engine) as connection:
         quiet = connection.execute(
             select(db.studies.c.study_uid, db.studies.c.last_received_at).where(
                 db.studies.c.state == "receiving", db.studies.c.last_received_at <= cutoff

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -154,7 +155,16 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _sqlite_begin(connection) -> None:
+    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return  # a connection from reading(): no lock to take
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads that need no transaction: on SQLite it takes no lock, so in WAL
+    mode it runs beside the writer instead of queueing for the write lock as every
+    transaction here does (BEGIN IMMEDIATE). For the polls and look-ups on hot paths."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def connect(url: str) -> Engine:

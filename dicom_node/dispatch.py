@@ -60,7 +60,7 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
 
 def deliver_due(config: Config, engine: Engine, destination: Destination) -> int:
     """Send this destination's pending deliveries whose time has come; returns how many went."""
-    with engine.connect() as connection:
+    with db.reading(engine) as connection:
         rows = connection.execute(
             select(
                 db.deliveries.c.id,

@@ -11,7 +11,7 @@ are ordinary transactions.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, and_, or_, select, update
 from sqlalchemy.engine import RowMapping
 
 from . import db
@@ -46,6 +46,8 @@ def enqueue(
 def claim(engine: Engine, worker: str, pipelines: set[str], max_attempts: int) -> RowMapping | None:
     """Take the most urgent claimable job, or None; jobs with lapsed leases are claimable."""
     now = db.now()
+    if not _anything_to_claim(engine, now, pipelines):
+        return None  # the idle poll: a read, so that idle workers never hold the write lock
     with engine.begin() as connection:
         _requeue_lapsed(connection, now, max_attempts)
         query = (
@@ -69,6 +71,13 @@ def claim(engine: Engine, worker: str, pipelines: set[str], max_attempts: int) -
             connection, job["study_uid"], "info", f"job {job['id']} ({job['pipeline']}) started by {worker}, attempt {attempt}"
         )
         return connection.execute(select(db.jobs).where(db.jobs.c.id == job["id"])).mappings().first()
+
+
+def _anything_to_claim(engine: Engine, now: float, pipelines: set[str]) -> bool:
+    due = and_(db.jobs.c.state == "queued", db.jobs.c.not_before <= now, db.jobs.c.pipeline.in_(pipelines))
+    lapsed = and_(db.jobs.c.state == "running", db.jobs.c.lease_until < now)
+    with db.reading(engine) as connection:
+        return connection.execute(select(db.jobs.c.id).where(or_(due, lapsed)).limit(1)).first() is not None
 
 
 def _requeue_lapsed(connection: Connection, now: float, max_attempts: int) -> None:

@@ -19,17 +19,17 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine
 
-from . import db, store
+from . import db, index, store
 from .config import Config
+from .index import InstanceHeader
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,6 @@ def storage_sop_classes() -> list[str]:
     }
     from_pynetdicom = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}
     return sorted(from_pydicom | from_pynetdicom)
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    study: dict  # columns of the studies row
-    series: dict  # columns of the series row
 
 
 class PeerCheckingServer(ThreadedAssociationServer):
@@ -177,18 +167,14 @@ class Receiver:
     def _store(self, event: evt.Event, header: InstanceHeader) -> None:
         content = event.encoded_dataset(include_meta=True)
         digest = hashlib.sha256(content).hexdigest()
-        with self.engine.connect() as connection:
-            known = connection.execute(
-                select(db.instances.c.sha256).where(db.instances.c.sop_instance_uid == header.sop_instance_uid)
-            ).first()
-        if known is not None and known.sha256 == digest:
-            return  # the same instance again, unchanged: nothing to do
+        with db.reading(self.engine) as connection:
+            if index.stored_digest(connection, header.sop_instance_uid) == digest:
+                return  # the same instance again, unchanged: nothing to do
         path = store.instance_path(
             self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
         store.write_durably(path, content)
-        received_at = db.now()
-        values = {
+        instance = {
             "sop_instance_uid": header.sop_instance_uid,
             "series_uid": header.series_uid,
             "study_uid": header.study_uid,
@@ -198,44 +184,10 @@ class Receiver:
             "size": len(content),
             "sha256": digest,
             "calling_ae": event.assoc.requestor.ae_title,
-            "received_at": received_at,
+            "received_at": db.now(),
         }
         with self.engine.begin() as connection:
-            study = connection.execute(
-                select(db.studies.c.state).where(db.studies.c.study_uid == header.study_uid)
-            ).first()
-            if study is None:
-                connection.execute(
-                    db.studies.insert().values(
-                        study_uid=header.study_uid,
-                        **header.study,
-                        state="receiving",
-                        first_received_at=received_at,
-                        last_received_at=received_at,
-                    )
-                )
-            elif study.state == "receiving" or self.config.node.late_arrivals == "reprocess":
-                if study.state != "receiving":
-                    message = f"re-opened by a late instance {header.sop_instance_uid}"
-                    db.log_event(connection, header.study_uid, "info", message)
-                connection.execute(
-                    update(db.studies)
-                    .where(db.studies.c.study_uid == header.study_uid)
-                    .values(state="receiving", last_received_at=received_at)
-                )
-            else:
-                message = f"late instance {header.sop_instance_uid} stored, not processed (late_arrivals = ignore)"
-                db.log_event(connection, header.study_uid, "info", message)
-            connection.execute(
-                db.upsert(self.engine, db.series)
-                .values(series_uid=header.series_uid, study_uid=header.study_uid, **header.series)
-                .on_conflict_do_nothing()
-            )
-            connection.execute(
-                db.upsert(self.engine, db.instances)
-                .values(**values)
-                .on_conflict_do_update(index_elements=["sop_instance_uid"], set_=values)
-            )
+            index.index_instance(connection, header, instance, self.config.node.late_arrivals)
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads until :meth:`stop`."""

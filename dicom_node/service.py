@@ -27,7 +27,10 @@ from .receive import Receiver
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 0.5
+# How often the completion and dispatch loops look at the database. Each look is one indexed
+# query; a short tick keeps the quiet period and the wait before sending close to what they are
+# configured to be (measured: 0.5 s added 0.8 s to a study's latency on average).
+TICK_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
 WORKER_GRACE_SECONDS = 10.0
 
