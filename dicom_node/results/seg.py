@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+import torch
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -41,11 +42,20 @@ def algorithm_identification(info: BundleInfo) -> hd.AlgorithmIdentificationSequ
     )
 
 
+def _label_counts(labels: np.ndarray, minlength: int) -> np.ndarray:
+    """Voxels per label value. numpy's bincount first widens the whole map to 64-bit integers
+    (0.6 GB and 0.6 s for a 300-slice CT); torch counts 16-bit values as they are, 5 times faster."""
+    flat = labels.ravel(order="K")  # memory order: a view, whatever the layout
+    if flat.dtype == np.uint16 and (flat.size == 0 or int(flat.max()) < 2**15):
+        return torch.bincount(torch.from_numpy(flat.view(np.int16)), minlength=minlength).numpy()
+    return np.bincount(flat, minlength=minlength)
+
+
 def segments_of(
     labels: np.ndarray, info: BundleInfo, overrides: dict[str, SegmentCodes] | None = None
 ) -> list[Segment]:
     """Every label of the bundle; those the model produced are numbered 1..n in label order."""
-    counts = np.bincount(labels.ravel(order="K"), minlength=max(info.labels, default=0) + 1)  # K: no copy
+    counts = _label_counts(labels, max(info.labels, default=0) + 1)
     segments, number = [], 0
     for value, name in sorted(info.labels.items()):
         present = bool(counts[value] > 0)
