@@ -2,7 +2,8 @@
 
 This is the receiver's hot path, so its statements are written once, as plain SQL with bound
 parameters (valid on SQLite and PostgreSQL alike), rather than built anew for every instance:
-building them took most of the index's time (2.5 ms of 3 ms an instance, measured).
+building them took most of the index's time (measured: 2.5 ms an instance, against 0.6 ms
+for the same transaction with statements written once).
 """
 
 from __future__ import annotations
