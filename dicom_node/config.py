@@ -32,6 +32,11 @@ class NodeSettings(Strict):
         10.0, gt=0, description="Seconds without a new instance before a study counts as complete."
     )
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes started by `serve`.")
+    receivers: int = Field(
+        0, ge=0, le=64,
+        description="Processes that receive in parallel, sharing the listening socket and max_associations. "
+        "0: one per CPU core, at most 4.",
+    )
     late_arrivals: Literal["reprocess", "ignore"] = Field(
         "reprocess",
         description="An instance new to an already processed study: re-open it and make new results "

@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -59,10 +60,35 @@ def storage_sop_classes() -> list[str]:
     return sorted(from_pydicom | from_pynetdicom)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The node's DICOM port, bound once by `serve` and shared by its receiver processes.
+
+    Bound without SO_REUSEPORT, so a second node on the same port fails at start instead of
+    silently taking part of the traffic. Non-blocking: each receiver process waits for it to
+    become readable, and those that lose the race for a connection simply go back to waiting.
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(128)
+    listener.setblocking(False)
+    return listener
+
+
 class PeerCheckingServer(ThreadedAssociationServer):
-    """Refuses connections from addresses outside ``allowed_peers`` before any PDU is read."""
+    """Serves on the node's shared listening socket; refuses connections from addresses
+    outside ``allowed_peers`` before any PDU is read."""
 
     allowed_peers: list = []
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the one socketserver made, unbound: the node's is already listening
+        self.socket = self.ae.listening_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Nothing to do: `serve` made the socket listen before starting the receivers."""
 
     def verify_request(self, request, client_address) -> bool:
         if not self.allowed_peers:
@@ -78,6 +104,7 @@ class NodeAE(AE):
     """pynetdicom's AE, serving through :class:`PeerCheckingServer`."""
 
     allowed_peers: list = []
+    listening_socket: socket.socket  # set before make_server: see PeerCheckingServer.server_bind
 
     def make_server(self, address, *args, server_class=None, **kwargs):
         server = super().make_server(address, *args, server_class=PeerCheckingServer, **kwargs)
@@ -189,15 +216,20 @@ class Receiver:
         with self.engine.begin() as connection:
             index.index_instance(connection, header, instance, self.config.node.late_arrivals)
 
-    def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads until :meth:`stop`."""
+    def start(self, listening: socket.socket, max_associations: int) -> ThreadedAssociationServer:
+        """Serve on ``listening`` in background threads until :meth:`stop`.
+
+        The socket is shared with the node's other receiver processes; this one takes up to
+        ``max_associations`` of the node's associations.
+        """
         node = self.config.node
         ae = NodeAE(ae_title=node.ae_title)
+        ae.listening_socket = listening
         ae.allowed_peers = list(node.allowed_peers)
         ae.require_called_aet = node.check_called_ae_title
         if node.allowed_calling_ae_titles:
             ae.require_calling_aet = list(node.allowed_calling_ae_titles)
-        ae.maximum_associations = node.max_associations
+        ae.maximum_associations = max_associations
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         ae.network_timeout = 60  # a stalled peer is dropped, never holds a thread for ever
         ae.dimse_timeout = 120
@@ -211,7 +243,7 @@ class Receiver:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self.handle_rejected),
         ]
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        log.info("receiver process %d serving up to %d associations", os.getpid(), max_associations)
         self.ae = ae
         self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
         return self.server

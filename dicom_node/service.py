@@ -1,20 +1,24 @@
 """`dicom-node serve`: the listener, the completion timer, the dispatcher and the workers.
 
-One supervised process tree: the main process receives (C-STORE must never wait on a model),
-checks for quiet studies and dispatches results; inference runs in worker processes that the
-main process restarts if they die. SIGTERM or SIGINT stops accepting associations, lets the
-stores in flight finish, and leaves running jobs to be resumed at the next start.
+One supervised process tree. The main process binds the DICOM port, checks for quiet studies
+and dispatches results; receiver processes share the port and store what arrives (several, so
+that associations are received on several cores, and none of them ever waits on a model);
+inference runs in worker processes. The main process restarts receivers and workers that die.
+SIGTERM or SIGINT stops accepting associations, lets the stores in flight finish, and leaves
+running jobs to be resumed at the next start.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import update
@@ -23,7 +27,7 @@ from . import db, jobs
 from .completion import complete_quiet_studies
 from .config import Config, load_config
 from .dispatch import deliver_due
-from .receive import Receiver
+from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,28 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.1
 PR_SET_PDEATHSIG = 1
 WORKER_GRACE_SECONDS = 10.0
+PORT_WAIT_SECONDS = SHUTDOWN_GRACE_SECONDS + 5
+
+
+def receiver_process(config_path: Path, listening: socket.socket, max_associations: int) -> None:
+    """Entry point of a receiver process: serves the shared socket until SIGTERM, then lets the
+    C-STOREs in flight finish (see Receiver.stop)."""
+    from .cli import setup_logging
+
+    setup_logging()
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when receivers stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    config = load_config(config_path)
+    receiver = Receiver(config, db.connect(config.database_url))
+    receiver.start(listening, max_associations)
+    stop.wait()
+    receiver.stop()
+
+
+def receiver_count(config: Config) -> int:
+    return config.node.receivers or min(os.cpu_count() or 1, 4)
 
 
 def worker_process(config_path: Path) -> None:
@@ -95,6 +121,20 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
+def _listen_when_free(host: str, port: int) -> socket.socket:
+    """Bind the DICOM port, waiting a little if it is taken: after a crash, the old node's
+    receivers let go of it only once they have finished the stores in flight."""
+    deadline = time.monotonic() + PORT_WAIT_SECONDS
+    while True:
+        try:
+            return listening_socket(host, port)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            log.warning("port %d is in use; waiting for it to be released", port)
+            time.sleep(0.5)
+
+
 def serve(config_path: Path) -> int:
     config: Config = load_config(config_path)
     engine = db.connect(config.database_url)
@@ -108,9 +148,23 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    try:  # first: a second node on this port stops here, before touching the database
+        listening = _listen_when_free(config.node.host, config.node.port)
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
+        return 1
     resume_after_restart(config, engine)
-    receiver = Receiver(config, engine)
-    receiver.start()
+    count = receiver_count(config)
+    share = -(-config.node.max_associations // count)  # an equal share each, rounded up
+
+    def start_receiver() -> multiprocessing.Process:
+        process = context.Process(target=receiver_process, args=(config_path, listening, share), daemon=True)
+        process.start()
+        return process
+
+    receivers = [start_receiver() for _ in range(count)]
+    log.info("listening as %s on %s:%d with %d receiver process(es)", config.node.ae_title, config.node.host,
+             config.node.port, count)
     loops = [
         threading.Thread(
             target=_periodic, args=("completion", lambda: complete_quiet_studies(config, engine), stop), daemon=True
@@ -132,12 +186,22 @@ def serve(config_path: Path) -> int:
         workers.append(process)
     log.info("dicom-node serving with %d worker(s)", len(workers))
     while not stop.wait(1.0):
+        for index, process in enumerate(receivers):
+            if not process.is_alive():
+                log.error("receiver %d exited with %s; restarting it", process.pid, process.exitcode)
+                receivers[index] = start_receiver()
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
                 workers[index] = context.Process(target=worker_process, args=(config_path,), daemon=True)
                 workers[index].start()
-    receiver.stop()  # stops accepting; C-STOREs in flight finish first
+    for process in receivers:
+        process.terminate()  # SIGTERM: stop accepting; C-STOREs in flight finish first
+    for process in receivers:
+        process.join(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+        if process.is_alive():
+            process.kill()
+    listening.close()
     for process in workers:
         process.terminate()  # SIGTERM: the worker releases its job, which resumes at the next start
     for process in workers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -92,3 +93,23 @@ def test_echo_answers_and_a_wrong_called_ae_title_is_rejected(node):
         ["echoscu", "-aec", "NOTTHENODE", "127.0.0.1", str(node.port)], capture_output=True, env=dcmtk_env()
     )
     assert wrong.returncode != 0
+
+
+def test_several_receiver_processes_share_the_port_and_store_everything(tmp_path, node_port):
+    config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=[], stable_after=60,
+                               receivers=3)
+    node = start_node(config, node_port)
+    try:
+        images = ct_series(make_phantom((32, 32, 24), (6.0, 6.0, 6.0), seed=2), StudyInfo(), 2, "split")
+        paths = write_series(images, tmp_path / "series")
+        senders = [
+            subprocess.Popen(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node_port), *map(str, paths[i::4])],
+                             env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(4)
+        ]
+        assert [sender.wait(timeout=120) for sender in senders] == [0, 0, 0, 0]
+        assert set(stored_rows(node)) == {image.SOPInstanceUID for image in images}
+        serving = set(re.findall(r"receiver process (\d+) serving", node.log()))
+    finally:
+        node.stop()
+    assert len(serving) == 3, node.log()
