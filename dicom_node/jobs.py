@@ -151,13 +151,7 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> int:
         if study_uids:
             query = query.where(db.jobs.c.study_uid.in_(study_uids))
         failed = connection.execute(query).all()
-        for job_id, study_uid in failed:
-            connection.execute(
-                update(db.jobs)
-                .where(db.jobs.c.id == job_id)
-                .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
-            )
-            db.log_event(connection, study_uid, "info", f"job {job_id} re-queued by an operator")
+        _queue_again(connection, failed, "re-queued by an operator")
         deliveries = update(db.deliveries).where(db.deliveries.c.state == "pending").values(not_before=0.0)
         if study_uids:
             results_of_studies = (
@@ -180,14 +174,19 @@ def rerun(engine: Engine, study_uids: list[str]) -> int:
             select(db.jobs.c.id, db.jobs.c.study_uid)
             .where(db.jobs.c.state.in_(("done", "failed")), db.jobs.c.study_uid.in_(study_uids))
         ).all()
-        for job_id, study_uid in finished:
-            connection.execute(
-                update(db.jobs)
-                .where(db.jobs.c.id == job_id)
-                .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
-            )
-            db.log_event(connection, study_uid, "info", f"job {job_id} re-run by an operator")
+        _queue_again(connection, finished, "re-run by an operator")
     return len(finished)
+
+
+def _queue_again(connection: Connection, rows, why: str) -> None:
+    """Jobs (id, study) back to the queue with fresh attempts, each with an event saying why."""
+    for job_id, study_uid in rows:
+        connection.execute(
+            update(db.jobs)
+            .where(db.jobs.c.id == job_id)
+            .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
+        )
+        db.log_event(connection, study_uid, "info", f"job {job_id} {why}")
 
 
 def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None) -> None:
