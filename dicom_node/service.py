@@ -14,6 +14,7 @@ import ctypes
 import errno
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import socket
@@ -40,19 +41,21 @@ WORKER_GRACE_SECONDS = 10.0
 PORT_WAIT_SECONDS = SHUTDOWN_GRACE_SECONDS + 5
 
 
-def receiver_process(config_path: Path, listening: socket.socket, max_associations: int) -> None:
+def receiver_process(config_path: Path, listening: socket.socket, max_associations: int, parent: int,
+                     ready: multiprocessing.synchronize.Event) -> None:
     """Entry point of a receiver process: serves the shared socket until SIGTERM, then lets the
-    C-STOREs in flight finish (see Receiver.stop)."""
+    C-STOREs in flight finish (see Receiver.stop). Sets ``ready`` once it serves."""
     from .cli import setup_logging
 
     setup_logging()
-    _die_with_parent()
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when receivers stop
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     config = load_config(config_path)
     receiver = Receiver(config, db.connect(config.database_url))
     receiver.start(listening, max_associations)
+    ready.set()
     stop.wait()
     receiver.stop()
 
@@ -61,27 +64,32 @@ def receiver_count(config: Config) -> int:
     return config.node.receivers or min(os.cpu_count() or 1, 4)
 
 
-def worker_process(config_path: Path) -> None:
+def worker_process(config_path: Path, parent: int) -> None:
     """Entry point of a worker process (spawned, so it imports torch on its own). It runs until
     SIGTERM, which releases the job in progress for the next start."""
     from .cli import setup_logging
     from .worker import Worker  # torch and MONAI load here, never in the receiving process
 
     setup_logging()
-    _die_with_parent()
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     config = load_config(config_path)
     Worker(config, db.connect(config.database_url)).run_forever(threading.Event())
 
 
-def _die_with_parent() -> None:
-    """A worker orphaned by a killed node would go on claiming jobs beside the restarted one;
-    Linux sends it SIGTERM instead (it releases its job and exits)."""
+def _die_with_parent(parent: int) -> None:
+    """A child orphaned by a killed node would go on claiming jobs or storing beside the
+    restarted one; Linux sends it SIGTERM instead (a worker releases its job, a receiver finishes
+    its stores, and both exit). A child whose parent died before it asked for that signal, while
+    it was still starting, would never get it: it exits at once."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        log.warning("cannot tie worker %d to its parent: it may outlive a killed node", os.getpid())
+        log.warning("cannot tie process %d to its parent: it may outlive a killed node", os.getpid())
+    if os.getppid() != parent:
+        log.warning("process %d: the node that started it is gone; exiting", os.getpid())
+        raise SystemExit(0)
 
 
 def _periodic(name: str, action, stop: threading.Event) -> None:
@@ -153,18 +161,28 @@ def serve(config_path: Path) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
         return 1
-    resume_after_restart(config, engine)
     count = receiver_count(config)
     share = -(-config.node.max_associations // count)  # an equal share each, rounded up
 
-    def start_receiver() -> multiprocessing.Process:
-        process = context.Process(target=receiver_process, args=(config_path, listening, share), daemon=True)
+    def start_receiver() -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        ready = context.Event()
+        process = context.Process(target=receiver_process, args=(config_path, listening, share, os.getpid(), ready),
+                                  daemon=True)
         process.start()
-        return process
+        return process, ready
 
-    receivers = [start_receiver() for _ in range(count)]
+    started = [start_receiver() for _ in range(count)]
+    receivers = [process for process, _ in started]
+    for process, ready in started:
+        while not ready.wait(timeout=1.0):
+            if not process.is_alive():
+                log.error("a receiver process exited at start with %s; see above", process.exitcode)
+                return 1
     log.info("listening as %s on %s:%d with %d receiver process(es)", config.node.ae_title, config.node.host,
              config.node.port, count)
+    # Only now: studies still arriving when the node stopped get their quiet period from the
+    # moment the node can receive again, not from before its receivers were up.
+    resume_after_restart(config, engine)
     loops = [
         threading.Thread(
             target=_periodic, args=("completion", lambda: complete_quiet_studies(config, engine), stop), daemon=True
@@ -181,7 +199,7 @@ def serve(config_path: Path) -> int:
         loop.start()
     workers = []
     for _ in range(config.node.workers):
-        process = context.Process(target=worker_process, args=(config_path,), daemon=True)
+        process = context.Process(target=worker_process, args=(config_path, os.getpid()), daemon=True)
         process.start()
         workers.append(process)
     log.info("dicom-node serving with %d worker(s)", len(workers))
@@ -189,11 +207,12 @@ def serve(config_path: Path) -> int:
         for index, process in enumerate(receivers):
             if not process.is_alive():
                 log.error("receiver %d exited with %s; restarting it", process.pid, process.exitcode)
-                receivers[index] = start_receiver()
+                receivers[index] = start_receiver()[0]
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = context.Process(target=worker_process, args=(config_path,), daemon=True)
+                workers[index] = context.Process(target=worker_process, args=(config_path, os.getpid()),
+                                                 daemon=True)
                 workers[index].start()
     for process in receivers:
         process.terminate()  # SIGTERM: stop accepting; C-STOREs in flight finish first

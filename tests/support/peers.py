@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -219,8 +221,15 @@ class Node:
             return connection.execute(sql, parameters).fetchall()
 
     def kill(self) -> None:
-        """kill -9: no clean-up of any kind, as in a power cut of the process."""
-        self.process.send_signal(signal.SIGKILL)
+        """kill -9 of every process of the node at once (main, receivers, workers): no clean-up of
+        any kind, as in a power cut. Killing the main process alone would let its children stop
+        gracefully, which is what they do, but not what this simulates."""
+        tree = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        for process in tree:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
         self.process.wait()
 
     def stop(self) -> None:
