@@ -26,10 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    insert,
     inspect,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 metadata = MetaData()
 
@@ -199,15 +197,6 @@ def _add_missing_columns(engine: Engine) -> None:
                                    "predates it and needs migrating by hand")
             kind = column.type.compile(dialect=engine.dialect)
             connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-
-
-def upsert(engine: Engine, table: Table):
-    """An INSERT that can take ON CONFLICT clauses on the engine's backend."""
-    if engine.dialect.name == "sqlite":
-        return sqlite.insert(table)
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return insert(table)
 
 
 def log_event(connection, study_uid: str | None, level: str, message: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, TextClause, text
 
 from . import db
 
@@ -25,7 +25,7 @@ class InstanceHeader:
     series: dict  # columns of the series row
 
 
-def _insert(table, conflict: str, update: bool) -> text:
+def _insert(table, conflict: str, update: bool) -> TextClause:
     names = [column.name for column in table.columns]
     action = (
         "DO UPDATE SET " + ", ".join(f"{name} = excluded.{name}" for name in names if name != conflict)

@@ -181,7 +181,7 @@ class Worker:
 
         Outline images are left out: a set of pictures has no counterpart image by image.
         """
-        with self.engine.connect() as connection:
+        with db.reading(self.engine) as connection:
             rows = connection.execute(
                 select(db.results.c.id, db.results.c.kind, db.results.c.sop_instance_uid, db.results.c.path)
                 .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
@@ -212,19 +212,20 @@ class Worker:
         unknown = sorted({s.name for s in segments if not s.codes.known})
         description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
         series_number = self.config.series_number(pipeline)
+        masks = volume.frame_masks(labels)
         seg = None
         if any(segment.present for segment in segments):
-            seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, self.equipment,
-                            series_number, f"SEG {description}")
+            seg = build_seg(volume, masks, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
         previous = self._previous_results(job)
-        previous_sr = [pydicom.dcmread(previous["SR"].path)] if "SR" in previous and Path(previous["SR"].path).exists() else []
+        previous_sr = []
+        if "SR" in previous and Path(previous["SR"].path).exists():
+            previous_sr = [pydicom.dcmread(previous["SR"].path)]
         sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}",
                       previous_sr)
         outputs = [("SEG", seg), ("SR", sr)] if seg is not None else [("SR", sr)]
         if pipeline.outlines and seg is not None:
             outputs += [("SC", image) for image in build_outline_images(
-                volume, volume.frame_masks(labels), segments, self.equipment, series_number + 2,
-                f"Outlines {description}")]
+                volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
         timings["encode"] = time.perf_counter() - encoding
         written = []
         for kind, dataset in outputs:
