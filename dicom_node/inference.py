@@ -6,8 +6,9 @@ file-based steps (LoadImage, SaveImage) are taken out, because the volume arrive
 node already in memory with its geometry, and the result goes back to the node, not to disk.
 The volume is handed over exactly as LoadImage would have produced it (RAS affine, no channel
 axis), so the bundle's own ``Invertd`` brings the prediction back onto the source grid.
-That inversion is where MONAI spends most of a job on a CPU; while a bundle runs, axis-aligned
-nearest-neighbour resampling takes the exact shortcut of :mod:`dicom_node.resampling`.
+Resampling onto the network's grid and back is where MONAI spends most of a job on a CPU; while
+a bundle runs, axis-aligned resampling takes the separable shortcut of
+:mod:`dicom_node.resampling`, which also hands the label map back laid out frame by frame.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from monai.transforms import Compose, LoadImage, LoadImaged, SaveImage, SaveImag
 from monai.utils import SpaceKeys
 
 from .layout import copy_reversed_axes
-from .resampling import separable_nearest_resampling
+from .resampling import separable_resampling
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,13 @@ class Bundle:
         """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background.
 
         The array is a view of memory laid out frame by frame (``[k, j, i]``), the layout the
-        SEG is built from: ``volume.frame_masks`` then needs no copy, and the one transposition
-        happens here, in the same pass as the conversion to integers.
+        SEG is built from: ``volume.frame_masks`` then needs no copy. The volume comes in that
+        layout and the resampling keeps it, so the conversion to integers is a straight copy; a
+        bundle whose output arrives in another layout costs one tiled transposition here.
         """
         series_uid = volume.frames[0].header.SeriesInstanceUID
         started = time.perf_counter()
-        with separable_nearest_resampling():
+        with separable_resampling(volume.array.shape):
             item = self.preprocessing({self.image_key: as_loaded(volume.array, volume.affine_ras, series_uid)})
             preprocessed = time.perf_counter()
             with torch.no_grad():
@@ -179,10 +181,14 @@ class Bundle:
         if tuple(prediction.shape) != volume.array.shape:
             raise BundleError(f"bundle output {tuple(prediction.shape)} is not on the source grid {volume.array.shape}")
         if prediction.is_floating_point():
-            prediction = prediction.round()
+            prediction = prediction.round_()  # in place: nothing else holds the prediction now
         by_frame = np.empty(prediction.shape[::-1], dtype=np.uint16)
         # int16 view: torch copies into it several times faster than into its uint16
-        copy_reversed_axes(prediction, torch.from_numpy(by_frame.view(np.int16)))
+        destination = torch.from_numpy(by_frame.view(np.int16))
+        if prediction.permute(2, 1, 0).is_contiguous():
+            destination.copy_(prediction.permute(2, 1, 0))
+        else:
+            copy_reversed_axes(prediction, destination)
         result = by_frame.transpose(2, 1, 0)
         self.timings = {
             "preprocess": preprocessed - started,

@@ -27,6 +27,8 @@ import numpy as np
 import pydicom
 from pydicom import Dataset
 
+from .native_pixels import read_native_pixels
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice spacing, and absolute tolerance (mm) on stack alignment.
 SPACING_TOLERANCE = 0.01
@@ -212,7 +214,7 @@ def affine_lps(ordered: list[Frame]) -> np.ndarray:
 
 @dataclass
 class Volume:
-    array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units)
+    array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units), stored [k, j, i]
     affine_ras: np.ndarray  # 4x4, voxel index to RAS mm
     frames: list[Frame]  # frames[k] is slice k
 
@@ -246,40 +248,32 @@ class _DecodedFiles:
     def plane(self, frame: Frame) -> np.ndarray:
         pixels = self._pixels.get(frame.path)
         if pixels is None:
-            pixels = self._pixels[frame.path] = pydicom.dcmread(frame.path).pixel_array
+            pixels = read_native_pixels(frame.path, frame.header)
+            if pixels is None:
+                pixels = pydicom.dcmread(frame.path).pixel_array
+            elif frame.index is None:
+                pixels = pixels[0]
+            self._pixels[frame.path] = pixels
         self._uses_left[frame.path] -= 1
         if self._uses_left[frame.path] == 0:
             del self._pixels[frame.path]
         return pixels if frame.index is None else pixels[frame.index]
 
 
-# Slices scaled into a staging block before being transposed into the volume together: one
-# slice at a time would scatter every voxel a whole slice stack apart (k is the fastest axis).
-_STAGED_SLICES = 32
-
-
 def load_volume(frames: list[Frame]) -> Volume:
-    """Decode the frames of one stack into a C-ordered float32 volume of modality values.
+    """Decode the frames of one stack into a float32 volume of modality values.
 
-    C order because MONAI's resampling copies anything else into it first, which costs more than
-    building the volume. Peak memory stays near the volume itself: besides it, only a file's
-    pixels until its frames are placed and a staging block of a few slices.
+    The array is indexed ``[i, j, k]`` but its memory is laid out frame by frame (``[k, j, i]``,
+    as the images themselves are): each decoded image is then one contiguous write, the label
+    map comes back in the same layout (:mod:`dicom_node.resampling`), and the SEG's frames are
+    views of it, with no transposition anywhere. Peak memory stays near the volume itself:
+    besides it, only a file's pixels until its frames are placed.
     """
-    # here, not at the top: the receiving process reads headers and needs no torch
-    import torch
-
-    from .layout import copy_reversed_axes
-
     ordered = order_frames(frames)
     rows, columns = ordered[0].shape
-    array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
-    staging = np.empty((min(_STAGED_SLICES, len(ordered)), rows, columns), dtype=np.float32)
+    by_frame = np.empty((len(ordered), rows, columns), dtype=np.float32)
     decoded = _DecodedFiles(ordered)
-    for start in range(0, len(ordered), _STAGED_SLICES):
-        block = ordered[start : start + _STAGED_SLICES]
-        for n, frame in enumerate(block):
-            np.multiply(decoded.plane(frame), frame.slope, out=staging[n], casting="unsafe")
-            staging[n] += frame.intercept
-        placed = torch.from_numpy(array)[:, :, start : start + len(block)]
-        copy_reversed_axes(torch.from_numpy(staging[: len(block)]), placed)
-    return Volume(array=array, affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)
+    for k, frame in enumerate(ordered):
+        np.multiply(decoded.plane(frame), frame.slope, out=by_frame[k], casting="unsafe")
+        by_frame[k] += frame.intercept
+    return Volume(array=by_frame.transpose(2, 1, 0), affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)
