@@ -8,7 +8,8 @@ The volume is handed over exactly as LoadImage would have produced it (RAS affin
 axis), so the bundle's own ``Invertd`` brings the prediction back onto the source grid.
 Resampling onto the network's grid and back is where MONAI spends most of a job on a CPU; while
 a bundle runs, axis-aligned resampling takes the separable shortcut of
-:mod:`dicom_node.resampling`, which also hands the label map back laid out frame by frame.
+:mod:`dicom_node.resampling`, which also hands the label map back laid out frame by frame;
+argmax over the channels goes through :mod:`dicom_node.argmax`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImage, LoadImaged, SaveImage, SaveImaged
 from monai.utils import SpaceKeys
 
+from .argmax import ArgmaxThroughMax
 from .layout import copy_reversed_axes
 from .resampling import separable_resampling
 from .volume import Volume
@@ -163,7 +165,7 @@ class Bundle:
         """
         series_uid = volume.frames[0].header.SeriesInstanceUID
         started = time.perf_counter()
-        with separable_resampling(volume.array.shape):
+        with separable_resampling(volume.array.shape), ArgmaxThroughMax():
             item = self.preprocessing({self.image_key: as_loaded(volume.array, volume.affine_ras, series_uid)})
             preprocessed = time.perf_counter()
             with torch.no_grad():
