@@ -1,0 +1,81 @@
+"""Results go out as stored when the peer accepts their transfer syntax, converted otherwise.
+
+The peer is DCMTK's storescp; what it writes is read back and compared with what was sent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pynetdicom.association
+import pytest
+
+from dicom_node import dispatch
+from dicom_node.config import Config, Destination
+from tests.support.ct_study import small_study
+from tests.support.peers import dcmtk_env, free_port, wait_for
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> list[Path]:
+    """Three stored files, as the node writes them (Explicit VR Little Endian)."""
+    _, paths = small_study(tmp_path / "results", slices=3)
+    return paths
+
+
+def _storescp(folder: Path, *options: str) -> Iterator[Destination]:
+    port = free_port()
+    folder.mkdir()
+    process = subprocess.Popen(
+        ["storescp", *options, "-od", str(folder), str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def _send(destination: Destination, paths: list[Path]) -> dict[str, str | None]:
+    config = Config(destinations=[destination])
+    wait_for(lambda: subprocess.run(
+        ["echoscu", destination.host, str(destination.port)], env=dcmtk_env(), capture_output=True
+    ).returncode == 0, 10, "storescp to listen")
+    return dispatch._send(config, destination, [str(p) for p in paths])
+
+
+def _received(folder: Path) -> dict[str, pydicom.Dataset]:
+    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in folder.iterdir())}
+
+
+def test_accepted_syntax_is_sent_as_stored_without_decoding(tmp_path, results, monkeypatch) -> None:
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the file was decoded")
+
+    monkeypatch.setattr(dispatch.pydicom, "dcmread", no_decoding)
+    monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
+    for destination in _storescp(tmp_path / "pacs"):
+        assert _send(destination, results) == {str(p): None for p in results}
+    monkeypatch.undo()
+    received = _received(tmp_path / "pacs")
+    for path in results:
+        sent = pydicom.dcmread(path)
+        copy = received[str(sent.SOPInstanceUID)]
+        assert copy.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert copy.PixelData == sent.PixelData and copy.PatientName == sent.PatientName
+
+
+def test_a_peer_that_declines_the_stored_syntax_gets_a_converted_copy(tmp_path, results) -> None:
+    for destination in _storescp(tmp_path / "pacs", "+xi"):  # implicit VR little endian only
+        assert _send(destination, results) == {str(p): None for p in results}
+    received = _received(tmp_path / "pacs")
+    assert len(received) == len(results)
+    for path in results:
+        sent = pydicom.dcmread(path)
+        copy = received[str(sent.SOPInstanceUID)]
+        assert copy.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+        assert copy.PixelData == sent.PixelData and copy.ImagePositionPatient == sent.ImagePositionPatient
