@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -26,6 +27,7 @@ def results(tmp_path: Path) -> list[Path]:
     return paths
 
 
+@contextmanager
 def _storescp(folder: Path, *options: str) -> Iterator[Destination]:
     port = free_port()
     folder.mkdir()
@@ -42,9 +44,12 @@ def _storescp(folder: Path, *options: str) -> Iterator[Destination]:
 
 def _send(destination: Destination, paths: list[Path]) -> dict[str, str | None]:
     config = Config(destinations=[destination])
-    wait_for(lambda: subprocess.run(
-        ["echoscu", destination.host, str(destination.port)], env=dcmtk_env(), capture_output=True
-    ).returncode == 0, 10, "storescp to listen")
+    echo = ["echoscu", destination.host, str(destination.port)]
+    wait_for(
+        lambda: subprocess.run(echo, env=dcmtk_env(), capture_output=True, check=False).returncode == 0,
+        10,
+        "storescp to listen",
+    )
     return dispatch._send(config, destination, [str(p) for p in paths])
 
 
@@ -58,7 +63,7 @@ def test_accepted_syntax_is_sent_as_stored_without_decoding(tmp_path, results, m
 
     monkeypatch.setattr(dispatch.pydicom, "dcmread", no_decoding)
     monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
-    for destination in _storescp(tmp_path / "pacs"):
+    with _storescp(tmp_path / "pacs") as destination:
         assert _send(destination, results) == {str(p): None for p in results}
     monkeypatch.undo()
     received = _received(tmp_path / "pacs")
@@ -70,7 +75,7 @@ def test_accepted_syntax_is_sent_as_stored_without_decoding(tmp_path, results, m
 
 
 def test_a_peer_that_declines_the_stored_syntax_gets_a_converted_copy(tmp_path, results) -> None:
-    for destination in _storescp(tmp_path / "pacs", "+xi"):  # implicit VR little endian only
+    with _storescp(tmp_path / "pacs", "+xi") as destination:  # implicit VR little endian only
         assert _send(destination, results) == {str(p): None for p in results}
     received = _received(tmp_path / "pacs")
     assert len(received) == len(results)
