@@ -27,6 +27,7 @@ from sqlalchemy import Engine, select
 from . import db, jobs, store
 from .config import Config, Pipeline
 from .inference import Bundle, BundleError, choose_device
+from .job_memory import give_back_freed_memory, reuse_freed_memory
 from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
 from .results.outlines import build_outline_images
@@ -56,6 +57,7 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    give_back_freed_memory()
 
 
 def classify_failure(error: Exception, timeout_seconds: float) -> tuple[str, bool]:
@@ -278,6 +280,7 @@ class Worker:
         """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
         signal.signal(signal.SIGTERM, _raise_shutdown)
         signal.signal(signal.SIGALRM, _raise_timeout)
+        reuse_freed_memory()
         log.info("worker %s ready", self.name)
         try:
             while not stop.is_set():
