@@ -199,11 +199,12 @@ def serve(config_path: Path) -> int:
     ]
     for loop in loops:
         loop.start()
-    workers = []
-    for _ in range(config.node.workers):
+    def start_worker() -> multiprocessing.process.BaseProcess:
         process = context.Process(target=worker_process, args=(config_path, os.getpid()), daemon=True)
         process.start()
-        workers.append(process)
+        return process
+
+    workers = [start_worker() for _ in range(config.node.workers)]
     log.info("dicom-node serving with %d worker(s)", len(workers))
     while not stop.wait(1.0):
         for index, process in enumerate(receivers):
@@ -213,9 +214,7 @@ def serve(config_path: Path) -> int:
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = context.Process(target=worker_process, args=(config_path, os.getpid()),
-                                                 daemon=True)
-                workers[index].start()
+                workers[index] = start_worker()
     for process in receivers:
         process.terminate()  # SIGTERM: stop accepting; C-STOREs in flight finish first
     for process in receivers:
