@@ -15,6 +15,7 @@ Only glibc has these calls; elsewhere both functions do nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,17 @@ _M_MMAP_MAX = -4
 _KEEP_ON_FREE = 2**31 - 1
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once per process, or None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
 
 
 def reuse_freed_memory() -> bool:
@@ -42,7 +48,6 @@ def reuse_freed_memory() -> bool:
     if libc is None:
         log.info("not glibc: large blocks stay with the C library's defaults")
         return False
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_ON_FREE) == 1
 
 
