@@ -49,7 +49,8 @@ def read_native_pixels(path: Path, header: Dataset) -> np.ndarray | None:
         return None
     frames = int(header.get("NumberOfFrames", 1) or 1)
     shape = (frames, int(header.Rows), int(header.Columns))
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    count = frames * shape[1] * shape[2]
+    size = count * np.dtype(dtype).itemsize
     value_length = size + size % 2  # odd lengths are padded to even
     candidates = _element_header(transfer_syntax, value_length)
     tail_length = len(candidates[0]) + value_length
@@ -62,7 +63,7 @@ def read_native_pixels(path: Path, header: Dataset) -> np.ndarray | None:
             return None
     if bytes(tail[: len(candidates[0])]) not in candidates:
         return None
-    values = np.frombuffer(tail, dtype=dtype, count=int(np.prod(shape)), offset=len(candidates[0])).reshape(shape)
+    values = np.frombuffer(tail, dtype=dtype, count=count, offset=len(candidates[0])).reshape(shape)
     unused_bits = bits_allocated - int(header.get("BitsStored", bits_allocated) or bits_allocated)
     if unused_bits > 0:
         # shifting left then right in the array's own type masks (unsigned) or sign-extends (signed)

@@ -186,7 +186,7 @@ def _sample(src: torch.Tensor, plans: list[_AxisPlan], frame_major: bool) -> tor
     shrinking = [axis for axis in range(3) if plans[axis].size < src.shape[2 + axis]]
     growing = [axis for axis in range(3) if axis not in shrinking]
     order = sorted(shrinking, key=lambda axis: dims[axis]) + sorted(growing, key=lambda axis: -dims[axis])
-    if order and order[0] in shrinking and dims[order[0]] == 2:
+    if shrinking and dims[order[0]] == 2:
         # The outermost axis shrinks: a few result planes at a time through all steps, so that
         # no intermediate holds more than those planes at the source's size.
         outer, rest = plans[order[0]], order[1:]
