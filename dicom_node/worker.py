@@ -17,7 +17,6 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -28,6 +27,7 @@ from . import db, jobs, store
 from .config import Config, Pipeline
 from .inference import Bundle, BundleError, choose_device
 from .job_memory import give_back_freed_memory, reuse_freed_memory
+from .results import file_bytes
 from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
 from .results.outlines import build_outline_images
@@ -222,21 +222,21 @@ class Worker:
         previous_sr = []
         if "SR" in previous and Path(previous["SR"].path).exists():
             previous_sr = [pydicom.dcmread(previous["SR"].path)]
-        sr = build_sr(volume, seg, segments, bundle.info, self.equipment, series_number + 1, f"SR {description}",
-                      previous_sr)
-        outputs = [("SEG", seg), ("SR", sr)] if seg is not None else [("SR", sr)]
-        if pipeline.outlines and seg is not None:
-            outputs += [("SC", image) for image in build_outline_images(
-                volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
+        sr = build_sr(volume, seg.dataset if seg is not None else None, segments, bundle.info, self.equipment,
+                      series_number + 1, f"SR {description}", previous_sr)
+        outputs = [("SR", sr, file_bytes(sr))]
+        if seg is not None:
+            outputs.insert(0, ("SEG", seg.dataset, seg.encode()))
+            if pipeline.outlines:
+                outputs += [("SC", image, file_bytes(image)) for image in build_outline_images(
+                    volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
         timings["encode"] = time.perf_counter() - encoding
         written = []
-        for kind, dataset in outputs:
+        for kind, dataset, data in outputs:
             path = store.result_path(
                 self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
             )
-            buffer = BytesIO()
-            dataset.save_as(buffer, enforce_file_format=True)
-            store.write_durably(path, buffer.getvalue())
+            store.write_durably(path, data)
             written.append((kind, dataset, path))
         timings["write"] = time.perf_counter() - encoding - timings["encode"]
         with self.engine.begin() as connection:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import torch
 from monai.bundle import ConfigParser
 
 from dicom_node.inference import Bundle, read_bundle_info
+from dicom_node.results import file_bytes
 from dicom_node.results.codes import ANATOMY
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of
@@ -59,9 +62,9 @@ def ct_volume(tmp_path_factory):
     return load_volume(read_frames(paths))
 
 
-def saved_errors(dataset, folder: Path) -> list[str]:
+def saved_errors(data: bytes, folder: Path) -> list[str]:
     path = folder / "object.dcm"
-    dataset.save_as(path, enforce_file_format=True)
+    path.write_bytes(data)
     return dciodvfy_errors(path)
 
 
@@ -80,11 +83,11 @@ def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_pat
     assert present, "random weights still label something"
     equipment = Equipment("NODE")
     seg = build_seg(ct_volume, ct_volume.frame_masks(labels), segments, bundle.info, equipment, 900, "zoo")
-    sr = build_sr(ct_volume, seg, segments, bundle.info, equipment, 901, "zoo")
-    assert saved_errors(seg, tmp_path) == []
-    assert saved_errors(sr, tmp_path) == []
+    sr = build_sr(ct_volume, seg.dataset, segments, bundle.info, equipment, 901, "zoo")
+    assert saved_errors(seg.encode(), tmp_path) == []
+    assert saved_errors(file_bytes(sr), tmp_path) == []
 
-    read_back = hd.seg.Segmentation.from_dataset(seg)
+    read_back = hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(seg.encode())))
     by_label = {d.SegmentLabel: d for d in read_back.SegmentSequence}
     assert set(by_label) == {s.codes.label for s in present}
     for segment in present:

@@ -15,6 +15,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.inference import BundleInfo
+from dicom_node.results import file_bytes
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of
 from dicom_node.results.sr import build_sr
@@ -45,11 +46,11 @@ def results(tmp_path):
     segments = segments_of(labels, INFO)
     equipment = Equipment("NODE1")
     seg = build_seg(volume, volume.frame_masks(labels), segments, INFO, equipment, 900, "SEG test")
-    sr = build_sr(volume, seg, segments, INFO, equipment, 901, "SR test")
+    sr = build_sr(volume, seg.dataset, segments, INFO, equipment, 901, "SR test")
     paths = {}
-    for name, dataset in (("seg", seg), ("sr", sr)):
+    for name, data in (("seg", seg.encode()), ("sr", file_bytes(sr))):
         paths[name] = tmp_path / f"{name}.dcm"
-        dataset.save_as(paths[name], enforce_file_format=True)
+        paths[name].write_bytes(data)
     return volume, labels, images, paths
 
 

@@ -9,11 +9,13 @@ inverse and a SEG, onto exactly the pixels it came from.
 from __future__ import annotations
 
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import nibabel
 import numpy as np
+import pydicom
 import pytest
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, Orientationd
 
@@ -151,7 +153,7 @@ def test_truth_comes_back_on_the_right_pixels_of_the_right_images(tmp_path, geom
     info = BundleInfo("test", "1", {1: "bone"}, "")
     segment = Segment(1, 1, "bone", codes_for_label("bone"), int(labels.sum()))
     seg = build_seg(volume, volume.frame_masks(labels), [segment], info, Equipment("NODE"), 900, "round trip")
-    seg = hd.seg.Segmentation.from_dataset(seg)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(seg.encode())))
     for frame in volume.frames:
         k_written = int(round(np.linalg.solve(
             expected_affine_lps(geometry)[:3, :3], np.array(frame.position) - expected_affine_lps(geometry)[:3, 3]

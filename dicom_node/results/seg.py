@@ -7,18 +7,23 @@ study in a new series.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 import torch
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ..inference import BundleInfo
 from ..volume import GeometryError, Volume
+from . import file_bytes, seg_frames
 from .codes import SegmentCodes, codes_for_label
 from .equipment import MANUFACTURER, MODEL_NAME, Equipment
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -111,20 +116,17 @@ def segment_description(segment: Segment, info: BundleInfo) -> hd.seg.SegmentDes
     return description
 
 
-def build_seg(
-    volume: Volume,
-    masks: np.ndarray,  # the label map per source slice: volume.frame_masks(labels)
-    segments: list[Segment],
+def _highdicom_seg(
+    sources: list[Dataset],
+    pixel_array: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
     info: BundleInfo,
     equipment: Equipment,
     series_number: int,
     series_description: str,
 ) -> hd.seg.Segmentation:
-    present = [segment for segment in segments if segment.present]
-    pixel_array = _in_source_frame_order(volume, _segment_label_map(masks, present))
-    descriptions = [segment_description(segment, info) for segment in present]
     return hd.seg.Segmentation(
-        source_images=volume.source_headers,
+        source_images=sources,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -140,3 +142,85 @@ def build_seg(
         content_label="SEGMENTATION",
         content_description=f"{info.name} {info.version}"[:64],
     )
+
+
+@dataclass
+class EncodedSeg:
+    """A SEG ready to store: highdicom's dataset without its frames, and the frames as bytes.
+
+    The frames are the bulk of a SEG and are written by ``seg_frames``; everything else (patient,
+    study, series, segments, references, shared functional groups) stays highdicom's.
+    """
+
+    dataset: hd.seg.Segmentation  # every attribute but the Per-Frame Functional Groups and Pixel Data
+    frames: bytes  # the Per-Frame Functional Groups Sequence element, encoded
+    pixels: bytes  # the Pixel Data element, encoded
+
+    def __post_init__(self) -> None:
+        if self.dataset.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+            raise ValueError("the SEG's frames are encoded in Explicit VR Little Endian only")
+        if max(self.dataset.keys(), default=0) >= seg_frames.PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE:
+            raise ValueError("the SEG dataset must end before its frames, which are appended to it")
+
+    @classmethod
+    def split(cls, seg: hd.seg.Segmentation) -> EncodedSeg:
+        """One highdicom built whole, its frames encoded by pydicom (multi-frame sources)."""
+        frames = Dataset()
+        frames.PerFrameFunctionalGroupsSequence = seg.PerFrameFunctionalGroupsSequence
+        pixels = seg_frames.element(seg_frames.PIXEL_DATA, b"OB", seg.PixelData)  # 1 bit allocated: OB
+        del seg.PerFrameFunctionalGroupsSequence, seg.PixelData
+        return cls(seg, seg_frames.encoded(frames), pixels)
+
+    def encode(self) -> bytes:
+        """The whole file (Part 10, Explicit VR Little Endian)."""
+        return file_bytes(self.dataset) + self.frames + self.pixels
+
+
+def _frames_by_node(
+    sources: list[Dataset],
+    label_map: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    *highdicom_arguments,
+) -> EncodedSeg:
+    """highdicom builds the SEG around a single frame; ``seg_frames`` writes all the frames."""
+    masks = seg_frames.packed_masks(label_map, len(descriptions))
+    orientation = [float(value) for value in sources[0].ImageOrientationPatient]
+    positions = np.array([[float(value) for value in source.ImagePositionPatient] for source in sources])
+    frames = seg_frames.frames_in_order(masks, len(descriptions), positions, orientation)
+    first = frames[0]
+    # zero pages, nothing written to them but one pixel
+    one_frame = np.zeros(label_map.shape, dtype=np.min_scalar_type(len(descriptions)))
+    one_frame[first.plane].flat[int(np.argmax(label_map[first.plane] == first.segment))] = first.segment
+    seg = _highdicom_seg(sources, one_frame, descriptions, *highdicom_arguments)
+    template = seg.PerFrameFunctionalGroupsSequence[0]
+    encoded_frames = seg_frames.per_frame_functional_groups(template, sources, frames)
+    del seg.PerFrameFunctionalGroupsSequence, seg.PixelData
+    seg.NumberOfFrames = len(frames)
+    if seg_frames.dimension_organization_is_3d(frames, positions, orientation, len(descriptions)):
+        seg.DimensionOrganizationType = "3D"
+    pixels = seg_frames.pixel_data(masks, frames, label_map.shape[1] * label_map.shape[2])
+    return EncodedSeg(seg, encoded_frames, pixels)
+
+
+def build_seg(
+    volume: Volume,
+    masks: np.ndarray,  # the label map per source slice: volume.frame_masks(labels)
+    segments: list[Segment],
+    info: BundleInfo,
+    equipment: Equipment,
+    series_number: int,
+    series_description: str,
+) -> EncodedSeg:
+    """The SEG of the segments present (at least one). Single-frame sources, the usual CT and MR
+    series, get their frames from ``seg_frames``; a multi-frame source is left to highdicom."""
+    present = [segment for segment in segments if segment.present]
+    label_map = _segment_label_map(masks, present)
+    descriptions = [segment_description(segment, info) for segment in present]
+    arguments = (info, equipment, series_number, series_description)
+    if all(frame.index is None for frame in volume.frames):
+        try:
+            return _frames_by_node(volume.source_headers, label_map, descriptions, *arguments)
+        except seg_frames.UnexpectedTemplate as reason:
+            log.warning("SEG frames left to highdicom: %s", reason)
+    pixel_array = _in_source_frame_order(volume, label_map)
+    return EncodedSeg.split(_highdicom_seg(volume.source_headers, pixel_array, descriptions, *arguments))
