@@ -122,10 +122,12 @@ def test_one_segment_on_regular_planes_is_organised_3d(tmp_path, caplog):
     _assert_same(node, alone)
 
 
-def test_many_segments_and_frames_that_do_not_start_on_a_byte(tmp_path, caplog):
+def test_many_segments_frames_that_do_not_start_on_a_byte_and_a_given_spacing(tmp_path, caplog):
     count = SEGMENTS_TESTED_ONE_BY_ONE + 3
     hu = np.zeros((13, 11, 9), dtype=np.float32)  # 143 pixels a frame: not a multiple of 8
     images = series_from_array(hu, GEOMETRIES["oblique"], StudyInfo(), 3, "odd")
+    for image in images:  # given by the images here, where the other tests let highdicom derive it
+        image.SpacingBetweenSlices = "1.5"
     volume = load_volume(read_frames(write_series(images, tmp_path)))
     labels = np.zeros(volume.array.shape, dtype=np.uint16)
     for number in range(1, count + 1):

@@ -180,22 +180,33 @@ def _frames_by_node(
     sources: list[Dataset],
     label_map: np.ndarray,
     descriptions: list[hd.seg.SegmentDescription],
-    *highdicom_arguments,
+    info: BundleInfo,
+    equipment: Equipment,
+    series_number: int,
+    series_description: str,
 ) -> EncodedSeg:
-    """highdicom builds the SEG around a single frame; ``seg_frames`` writes all the frames."""
+    """highdicom builds the SEG around one frame of the first source image (its checks on each
+    source image were most of its time); ``seg_frames`` writes all the frames, and what depends on
+    the other source images is added here as highdicom adds it."""
     masks = seg_frames.packed_masks(label_map, len(descriptions))
     orientation = [float(value) for value in sources[0].ImageOrientationPatient]
     positions = np.array([[float(value) for value in source.ImagePositionPatient] for source in sources])
     frames = seg_frames.frames_in_order(masks, len(descriptions), positions, orientation)
-    first = frames[0]
-    # zero pages, nothing written to them but one pixel
-    one_frame = np.zeros(label_map.shape, dtype=np.min_scalar_type(len(descriptions)))
-    one_frame[first.plane].flat[int(np.argmax(label_map[first.plane] == first.segment))] = first.segment
-    seg = _highdicom_seg(sources, one_frame, descriptions, *highdicom_arguments)
+    one_pixel = np.zeros((1, *label_map.shape[1:]), dtype=np.uint8)
+    one_pixel[0, 0, 0] = 1
+    seg = _highdicom_seg(sources[:1], one_pixel, descriptions, info, equipment, series_number, series_description)
+    seg.SourceImageSequence, seg.ReferencedSeriesSequence = seg_frames.source_references(sources)
     template = seg.PerFrameFunctionalGroupsSequence[0]
     encoded_frames = seg_frames.per_frame_functional_groups(template, sources, frames)
     del seg.PerFrameFunctionalGroupsSequence, seg.PixelData
     seg.NumberOfFrames = len(frames)
+    if "SpacingBetweenSlices" not in sources[0]:  # highdicom derives it, here from one position
+        [measures] = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+        spacing = seg_frames.spacing_between_slices(positions, orientation)
+        if spacing is None:
+            measures.pop("SpacingBetweenSlices", None)
+        else:
+            measures.SpacingBetweenSlices = spacing
     if seg_frames.dimension_organization_is_3d(frames, positions, orientation, len(descriptions)):
         seg.DimensionOrganizationType = "3D"
     pixels = seg_frames.pixel_data(masks, frames, label_map.shape[1] * label_map.shape[2])
