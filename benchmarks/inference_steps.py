@@ -75,12 +75,13 @@ def main() -> int:
             steps["preprocess"] = bundle.timings["preprocess"]
             network = bundle.timings["network"]
             steps["postprocess"] = bundle.timings["postprocess"]
-            segments = segments_of(labels, bundle.info)
-            def seg_to_bytes():
-                seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, equipment, 900, "b")
-                return seg, seg.encode()
 
-            (seg, _), steps["SEG encoding"] = timed(seg_to_bytes)
+            def seg_to_bytes():  # counting the labels included: the SEG's segments and the SR's volumes
+                segments = segments_of(labels, bundle.info)
+                seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, equipment, 900, "b")
+                return segments, seg, seg.encode()
+
+            (segments, seg, _), steps["SEG encoding"] = timed(seg_to_bytes)
             _, steps["SR encoding"] = timed(
                 lambda: file_bytes(build_sr(volume, seg.dataset, segments, bundle.info, equipment, 901, "b"))
             )

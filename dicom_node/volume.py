@@ -274,6 +274,9 @@ def load_volume(frames: list[Frame]) -> Volume:
     by_frame = np.empty((len(ordered), rows, columns), dtype=np.float32)
     decoded = _DecodedFiles(ordered)
     for k, frame in enumerate(ordered):
-        np.multiply(decoded.plane(frame), frame.slope, out=by_frame[k], casting="unsafe")
-        by_frame[k] += frame.intercept
+        if frame.slope == 1.0:  # the usual CT case: one pass over the image instead of two
+            np.add(decoded.plane(frame), np.float32(frame.intercept), out=by_frame[k], casting="unsafe")
+        else:
+            np.multiply(decoded.plane(frame), frame.slope, out=by_frame[k], casting="unsafe")
+            by_frame[k] += frame.intercept
     return Volume(array=by_frame.transpose(2, 1, 0), affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)
