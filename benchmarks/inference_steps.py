@@ -28,6 +28,7 @@ from dicom_node.job_memory import give_back_freed_memory, reuse_freed_memory  # 
 from dicom_node.results.equipment import Equipment  # noqa: E402
 from dicom_node.results import file_bytes  # noqa: E402
 from dicom_node.results.seg import build_seg, segments_of  # noqa: E402
+from dicom_node.results.seg_frames import scan_labels  # noqa: E402
 from dicom_node.results.sr import build_sr  # noqa: E402
 from dicom_node.volume import load_volume, read_frames  # noqa: E402
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, write_series  # noqa: E402
@@ -77,8 +78,9 @@ def main() -> int:
             steps["postprocess"] = bundle.timings["postprocess"]
 
             def seg_to_bytes():  # counting the labels included: the SEG's segments and the SR's volumes
-                segments = segments_of(labels, bundle.info)
-                seg = build_seg(volume, volume.frame_masks(labels), segments, bundle.info, equipment, 900, "b")
+                scanned = scan_labels(volume.frame_masks(labels), list(bundle.info.labels))
+                segments = segments_of(scanned, bundle.info)
+                seg = build_seg(volume, scanned, segments, bundle.info, equipment, 900, "b")
                 return segments, seg, seg.encode()
 
             (segments, seg, _), steps["SEG encoding"] = timed(seg_to_bytes)

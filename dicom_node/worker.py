@@ -32,6 +32,7 @@ from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
 from .results.outlines import build_outline_images
 from .results.seg import build_seg, segments_of
+from .results.seg_frames import scan_labels
 from .results.sr import build_sr
 from .volume import GeometryError, load_volume, read_frames, split_stacks
 
@@ -210,14 +211,15 @@ class Worker:
         labels = bundle.predict(volume)
         timings.update(bundle.timings)
         encoding = time.perf_counter()
-        segments = segments_of(labels, bundle.info, self.segment_overrides(pipeline))
+        masks = volume.frame_masks(labels)
+        scanned = scan_labels(masks, list(bundle.info.labels))
+        segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
         unknown = sorted({s.name for s in segments if not s.codes.known})
         description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
         series_number = self.config.series_number(pipeline)
-        masks = volume.frame_masks(labels)
         seg = None
         if any(segment.present for segment in segments):
-            seg = build_seg(volume, masks, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
+            seg = build_seg(volume, scanned, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
         previous = self._previous_results(job)
         previous_sr = []
         if "SR" in previous and Path(previous["SR"].path).exists():

@@ -25,6 +25,7 @@ from dicom_node.results import file_bytes
 from dicom_node.results.codes import ANATOMY
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.seg_frames import scan_labels
 from dicom_node.results.sr import build_sr
 from dicom_node.volume import load_volume, read_frames
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
@@ -77,12 +78,13 @@ def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_pat
     assert labels.max() < channels
     assert bundle.timings["network"] > 0
 
-    segments = segments_of(labels, bundle.info)
+    scanned = scan_labels(ct_volume.frame_masks(labels), list(bundle.info.labels))
+    segments = segments_of(scanned, bundle.info)
     assert [s.name for s in segments] == [bundle.info.labels[v] for v in sorted(bundle.info.labels)]
     present = [s for s in segments if s.present]
     assert present, "random weights still label something"
     equipment = Equipment("NODE")
-    seg = build_seg(ct_volume, ct_volume.frame_masks(labels), segments, bundle.info, equipment, 900, "zoo")
+    seg = build_seg(ct_volume, scanned, segments, bundle.info, equipment, 900, "zoo")
     sr = build_sr(ct_volume, seg.dataset, segments, bundle.info, equipment, 901, "zoo")
     assert saved_errors(seg.encode(), tmp_path) == []
     assert saved_errors(file_bytes(sr), tmp_path) == []

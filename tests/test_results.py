@@ -18,6 +18,7 @@ from dicom_node.inference import BundleInfo
 from dicom_node.results import file_bytes
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.seg_frames import scan_labels
 from dicom_node.results.sr import build_sr
 from dicom_node.volume import load_volume, read_frames
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, small_study, write_series
@@ -43,9 +44,10 @@ def results(tmp_path):
         image.SpecificCharacterSet = "ISO_IR 192"
     volume = load_volume(read_frames(write_series(images, tmp_path / "ct")))
     labels = np.ascontiguousarray(phantom.labels.astype(np.uint16))
-    segments = segments_of(labels, INFO)
+    scanned = scan_labels(volume.frame_masks(labels), list(INFO.labels))
+    segments = segments_of(scanned, INFO)
     equipment = Equipment("NODE1")
-    seg = build_seg(volume, volume.frame_masks(labels), segments, INFO, equipment, 900, "SEG test")
+    seg = build_seg(volume, scanned, segments, INFO, equipment, 900, "SEG test")
     sr = build_sr(volume, seg.dataset, segments, INFO, equipment, 901, "SR test")
     paths = {}
     for name, data in (("seg", seg.encode()), ("sr", file_bytes(sr))):

@@ -19,7 +19,7 @@ from dicom_node.results import seg as seg_module
 from dicom_node.results.codes import codes_for_label
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import Segment, build_seg, segment_description
-from dicom_node.results.seg_frames import SEGMENTS_TESTED_ONE_BY_ONE, element
+from dicom_node.results.seg_frames import LABELS_TESTED_ONE_BY_ONE, element, scan_labels
 from dicom_node.volume import load_volume, read_frames
 from tests.support.ct_study import StudyInfo, series_from_array, write_series
 from tests.test_volume import GEOMETRIES, distinct_volume, write_geometry
@@ -59,7 +59,7 @@ def _both_ways(volume, labels: np.ndarray, count: int, caplog) -> tuple[pydicom.
     segments = _segments(labels, count)
     masks = volume.frame_masks(labels)
     with caplog.at_level(logging.WARNING):
-        node = build_seg(volume, masks, segments, info, equipment, 900, "frames")
+        node = build_seg(volume, scan_labels(masks, range(1, count + 1)), segments, info, equipment, 900, "frames")
     assert "left to highdicom" not in caplog.text, "the node's frame encoder was not used"
     descriptions = [segment_description(segment, info) for segment in segments]
     for ours, theirs in zip(node.dataset.SegmentSequence, descriptions):
@@ -123,7 +123,7 @@ def test_one_segment_on_regular_planes_is_organised_3d(tmp_path, caplog):
 
 
 def test_many_segments_frames_that_do_not_start_on_a_byte_and_a_given_spacing(tmp_path, caplog):
-    count = SEGMENTS_TESTED_ONE_BY_ONE + 3
+    count = LABELS_TESTED_ONE_BY_ONE + 3
     hu = np.zeros((13, 11, 9), dtype=np.float32)  # 143 pixels a frame: not a multiple of 8
     images = series_from_array(hu, GEOMETRIES["oblique"], StudyInfo(), 3, "odd")
     for image in images:  # given by the images here, where the other tests let highdicom derive it
@@ -142,3 +142,19 @@ def test_elements_are_padded_to_even_length():
     assert element(0x00081155, b"UI", b"1.2.3") == bytes.fromhex("0800 5511") + b"UI\x06\x00" + b"1.2.3\x00"
     assert element(0x00080104, b"LO", b"abc") == bytes.fromhex("0800 0401") + b"LO\x04\x00" + b"abc "
     assert element(0x7FE00010, b"OB", b"\x01") == bytes.fromhex("E07F 1000") + b"OB\x00\x00\x02\x00\x00\x00\x01\x00"
+
+
+@pytest.mark.parametrize("label_count", [2, LABELS_TESTED_ONE_BY_ONE + 2])
+def test_a_scan_counts_every_label_and_packs_every_image_that_holds_it(label_count):
+    rng = np.random.default_rng(label_count)
+    masks = rng.integers(0, label_count + 2, size=(6, 9, 7)).astype(np.uint16)  # values beyond the labels too
+    masks[2] = 0
+    wanted = list(range(1, label_count + 1))
+    scanned = scan_labels(masks, wanted)
+    expected = np.bincount(masks.ravel(), minlength=label_count + 2)
+    assert scanned.counts == {value: int(expected[value]) for value in wanted}
+    holding = {(plane, value) for plane in range(6) for value in wanted if (masks[plane] == value).any()}
+    assert set(scanned.packed) == holding
+    for (plane, value), bits in scanned.packed.items():
+        unpacked = np.unpackbits(bits, count=masks[plane].size, bitorder="little").reshape(masks[plane].shape)
+        assert np.array_equal(unpacked.astype(bool), masks[plane] == value)

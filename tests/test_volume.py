@@ -23,6 +23,7 @@ from dicom_node.inference import BundleInfo, as_loaded
 from dicom_node.results.codes import codes_for_label
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import Segment, build_seg
+from dicom_node.results.seg_frames import scan_labels
 from dicom_node.volume import GeometryError, load_volume, read_frames, split_stacks
 from tests.support.ct_study import StudyInfo, enhanced_ct, series_from_array, write_series
 
@@ -152,7 +153,8 @@ def test_truth_comes_back_on_the_right_pixels_of_the_right_images(tmp_path, geom
 
     info = BundleInfo("test", "1", {1: "bone"}, "")
     segment = Segment(1, 1, "bone", codes_for_label("bone"), int(labels.sum()))
-    seg = build_seg(volume, volume.frame_masks(labels), [segment], info, Equipment("NODE"), 900, "round trip")
+    scanned = scan_labels(volume.frame_masks(labels.astype(np.uint16)), [1])
+    seg = build_seg(volume, scanned, [segment], info, Equipment("NODE"), 900, "round trip")
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(seg.encode())))
     for frame in volume.frames:
         k_written = int(round(np.linalg.solve(

@@ -92,26 +92,40 @@ class SegFrame:
     dimension_index: tuple[int, int]  # (segment number, rank of the plane among the planes kept)
 
 
-# Up to this many segments, testing each one on a plane is cheaper than counting the plane's values.
-SEGMENTS_TESTED_ONE_BY_ONE = 4
+# Up to this many labels, testing each one on an image is cheaper than counting the image's values.
+LABELS_TESTED_ONE_BY_ONE = 4
 
 
-def packed_masks(label_map: np.ndarray, segment_count: int) -> dict[tuple[int, int], np.ndarray]:
-    """The bit-packed mask (first pixel in the lowest bit) of every (plane, segment) pair where the
-    segment has a pixel; pairs not listed are empty frames, which the SEG leaves out. Each plane is
-    compared with a segment once; with many segments, a count of the plane's values first says
-    which ones to compare."""
-    masks = {}
-    for plane, image in enumerate(label_map):
-        if segment_count <= SEGMENTS_TESTED_ONE_BY_ONE:
-            candidates = range(1, segment_count + 1)
+@dataclass
+class ScannedLabels:
+    """A label map on the source images, read once for both results: the voxel count of each
+    label (the SR's volumes, and which labels become segments) and the bit-packed mask (first
+    pixel in the lowest bit) of every (image, label) pair that has a voxel (the SEG's frames;
+    pairs not listed are the empty frames it leaves out)."""
+
+    masks: np.ndarray  # masks[k]: label values on source image k (Volume.frame_masks)
+    packed: dict[tuple[int, int], np.ndarray]  # (k, label value) -> packed bits
+    counts: dict[int, int]  # label value -> voxels
+
+
+def scan_labels(masks: np.ndarray, label_values: Sequence[int]) -> ScannedLabels:
+    """Compares each image with each label it may hold, once; with many labels, a count of the
+    image's values first says which ones. Values outside ``label_values`` are ignored."""
+    wanted = sorted(set(label_values))
+    packed, counts = {}, dict.fromkeys(wanted, 0)
+    for plane, image in enumerate(masks):
+        if len(wanted) <= LABELS_TESTED_ONE_BY_ONE:
+            candidates = wanted
         else:
-            candidates = np.flatnonzero(np.bincount(image.ravel(), minlength=segment_count + 1)[1:]) + 1
-        for segment in candidates:
-            bits = image == segment
-            if bits.any():
-                masks[plane, int(segment)] = np.packbits(bits, axis=None, bitorder="little")
-    return masks
+            found = np.bincount(image.ravel(), minlength=wanted[-1] + 1)
+            candidates = [value for value in wanted if found[value]]
+        for value in candidates:
+            bits = image == value
+            voxels = int(np.count_nonzero(bits))
+            if voxels:
+                packed[plane, value] = np.packbits(bits, axis=None, bitorder="little")
+                counts[value] += voxels
+    return ScannedLabels(masks, packed, counts)
 
 
 def frames_in_order(
