@@ -3,24 +3,58 @@
 DICOM has no "end of study" message, so quiet time is the signal. On completion the study's
 series are matched against every pipeline and one job is queued per chosen series, in the same
 transaction that marks the study complete: a crash cannot leave a complete study without jobs.
+
+Matching reads every header of the study (0.4 s for a 300-image CT). That reading starts when a
+study has been quiet for half of ``stable_after``, so that completing it only reads again the
+series whose files changed since: the quiet period is mostly idle time anyway.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, select, update
 
 from . import db, jobs
 from .config import Config
-from .rules import Selection, StackFacts, select_series, series_stacks, why_block_fails
+from .rules import StackFacts, select_series, series_stacks, why_block_fails
 
 log = logging.getLogger(__name__)
 
+# A study quiet for this fraction of stable_after has its series read ahead of completion.
+READ_AHEAD_FRACTION = 0.5
 
-def study_stacks(engine: Engine, study_uid: str) -> list[StackFacts]:
+SeriesReader = Callable[[str, list[Path]], list[StackFacts]]
+
+
+class ReadAhead:
+    """Stacks of the series of studies that are quiet but not yet complete, each kept with the
+    size and modification time of every file it was read from, and read again when one differs
+    or the series gained or lost a file. Only the series of studies still in the read-ahead
+    window are kept (``retain``), so a study that completes, or receives again, is let go."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, tuple[tuple, list[StackFacts]]] = {}
+
+    def series_stacks(self, series_uid: str, paths: list[Path]) -> list[StackFacts]:
+        files = tuple((path, stat.st_size, stat.st_mtime_ns) for path in paths for stat in [os.stat(path)])
+        known = self._read.get(series_uid)
+        if known is not None and known[0] == files:
+            return known[1]
+        stacks = series_stacks(series_uid, paths)
+        self._read[series_uid] = (files, stacks)
+        return stacks
+
+    def retain(self, series_uids: set[str]) -> None:
+        for series_uid in self._read.keys() - series_uids:
+            del self._read[series_uid]
+
+
+def study_stacks(engine: Engine, study_uid: str, read: SeriesReader = series_stacks) -> list[StackFacts]:
     with engine.connect() as connection:
         rows = connection.execute(
             select(db.instances.c.series_uid, db.instances.c.path)
@@ -30,13 +64,7 @@ def study_stacks(engine: Engine, study_uid: str) -> list[StackFacts]:
     paths: dict[str, list[Path]] = defaultdict(list)
     for series_uid, path in rows:
         paths[series_uid].append(Path(path))
-    return [stack for uid, series_paths in sorted(paths.items()) for stack in series_stacks(uid, series_paths)]
-
-
-def selections(config: Config, engine: Engine, study_uid: str) -> dict[str, Selection]:
-    """Per pipeline name, the series it takes in this study and why."""
-    candidates = study_stacks(engine, study_uid)
-    return {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
+    return [stack for uid, series_paths in sorted(paths.items()) for stack in read(uid, series_paths)]
 
 
 def explain(config: Config, engine: Engine, study_uid: str) -> str:
@@ -58,18 +86,25 @@ def job_priority(config: Config, pipeline_name: str, stack: StackFacts) -> int:
     return config.pipeline(pipeline_name).priority + max(boosts, default=0)
 
 
-def complete_quiet_studies(config: Config, engine: Engine) -> int:
-    """Mark every quiet study complete and queue its jobs; returns how many were completed."""
-    cutoff = db.now() - config.node.stable_after
+def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead) -> int:
+    """Mark every quiet study complete and queue its jobs; returns how many were completed.
+    Studies quiet for part of the period have their series read ahead (see the module's note)."""
+    now = db.now()
+    cutoff = now - config.node.stable_after
     with db.reading(engine) as connection:
-        quiet = connection.execute(
+        quieting = connection.execute(
             select(db.studies.c.study_uid, db.studies.c.last_received_at).where(
-                db.studies.c.state == "receiving", db.studies.c.last_received_at <= cutoff
+                db.studies.c.state == "receiving",
+                db.studies.c.last_received_at <= now - config.node.stable_after * READ_AHEAD_FRACTION,
             )
         ).all()
-    completed = 0
-    for study_uid, last_received_at in quiet:
-        chosen = selections(config, engine, study_uid)
+    completed, still_quieting = 0, set()
+    for study_uid, last_received_at in quieting:
+        candidates = study_stacks(engine, study_uid, read_ahead.series_stacks)
+        if last_received_at > cutoff:  # read ahead only: not quiet long enough yet
+            still_quieting.update(stack.series_uid for stack in candidates)
+            continue
+        chosen = {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
         with engine.begin() as connection:
             marked = connection.execute(
                 update(db.studies)
@@ -92,4 +127,5 @@ def complete_quiet_studies(config: Config, engine: Engine) -> int:
             db.log_event(connection, study_uid, "info", message)
             log.info("study %s %s", study_uid, message)
         completed += 1
+    read_ahead.retain(still_quieting)
     return completed

@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import update
 
 from . import db, jobs
-from .completion import complete_quiet_studies
+from .completion import ReadAhead, complete_quiet_studies
 from .config import Config, load_config
 from .dispatch import deliver_due
 from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
@@ -185,9 +185,12 @@ def serve(config_path: Path) -> int:
     # Only now: studies still arriving when the node stopped get their quiet period from the
     # moment the node can receive again, not from before its receivers were up.
     resume_after_restart(config, engine)
+    read_ahead = ReadAhead()
     loops = [
         threading.Thread(
-            target=_periodic, args=("completion", lambda: complete_quiet_studies(config, engine), stop), daemon=True
+            target=_periodic,
+            args=("completion", lambda: complete_quiet_studies(config, engine, read_ahead), stop),
+            daemon=True,
         ),
     ] + [
         threading.Thread(
