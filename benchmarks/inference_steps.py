@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/inference_steps.py [--slices 300] [--size 512] [--repeat 2]
 
 Each step outside the network (volume building, the bundle's pre- and postprocessing, SEG and
-SR encoding, up to the bytes of their files) is timed next to the network's own time; together they should cost less than the
-network. As a peer for the first step, the usual file-based route is timed on the same series:
-dcm2niix to NIfTI, then MONAI's LoadImage.
+SR encoding, up to the bytes of their files) is timed next to the network's own time; together
+they should cost less than the network. As a peer for the first step, the usual file-based
+route is timed on the same series: dcm2niix to NIfTI, then MONAI's LoadImage.
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ READ_AHEAD_FRACTION = 0.5
 SeriesReader = Callable[[str, list[Path]], list[StackFacts]]
 
 
+def _file_state(path: Path) -> tuple[Path, int, int]:
+    """What tells a stored file was written again: its size and modification time."""
+    state = os.stat(path)
+    return path, state.st_size, state.st_mtime_ns
+
+
 class ReadAhead:
     """Stacks of the series of studies that are quiet but not yet complete, each kept with the
     size and modification time of every file it was read from, and read again when one differs
@@ -41,7 +47,7 @@ class ReadAhead:
         self._read: dict[str, tuple[tuple, list[StackFacts]]] = {}
 
     def series_stacks(self, series_uid: str, paths: list[Path]) -> list[StackFacts]:
-        files = tuple((path, stat.st_size, stat.st_mtime_ns) for path in paths for stat in [os.stat(path)])
+        files = tuple(_file_state(path) for path in paths)
         known = self._read.get(series_uid)
         if known is not None and known[0] == files:
             return known[1]

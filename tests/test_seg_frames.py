@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from dicom_node.inference import BundleInfo
+from dicom_node.results import file_bytes
 from dicom_node.results import seg as seg_module
 from dicom_node.results.codes import codes_for_label
 from dicom_node.results.equipment import Equipment
@@ -67,9 +68,7 @@ def _both_ways(volume, labels: np.ndarray, count: int, caplog) -> tuple[pydicom.
     alone = seg_module._highdicom_seg(
         volume.source_headers, masks, descriptions, info, equipment, 900, "frames"
     )
-    buffer = BytesIO()
-    alone.save_as(buffer, enforce_file_format=True)
-    return _read(node.encode()), _read(buffer.getvalue())
+    return _read(node.encode()), _read(file_bytes(alone))
 
 
 def _assert_same(node: pydicom.Dataset, alone: pydicom.Dataset) -> None:

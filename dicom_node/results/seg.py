@@ -164,7 +164,7 @@ class EncodedSeg:
 
 
 def _frames_by_node(
-    sources: list[Dataset],
+    volume: Volume,
     scanned: seg_frames.ScannedLabels,
     present: list[Segment],
     descriptions: list[hd.seg.SegmentDescription],
@@ -178,8 +178,9 @@ def _frames_by_node(
     the other source images is added here as highdicom adds it."""
     number_of = {segment.label_value: segment.number for segment in present}
     masks = {(plane, number_of[value]): bits for (plane, value), bits in scanned.packed.items() if value in number_of}
-    orientation = [float(value) for value in sources[0].ImageOrientationPatient]
-    positions = np.array([[float(value) for value in source.ImagePositionPatient] for source in sources])
+    sources = volume.source_headers  # one per frame: single-frame images
+    orientation = list(volume.frames[0].orientation)
+    positions = np.array([frame.position for frame in volume.frames])
     frames = seg_frames.frames_in_order(masks, len(descriptions), positions, orientation)
     one_pixel = np.zeros((1, *scanned.masks.shape[1:]), dtype=np.uint8)
     one_pixel[0, 0, 0] = 1
@@ -218,7 +219,7 @@ def build_seg(
     arguments = (info, equipment, series_number, series_description)
     if all(frame.index is None for frame in volume.frames):
         try:
-            return _frames_by_node(volume.source_headers, scanned, present, descriptions, *arguments)
+            return _frames_by_node(volume, scanned, present, descriptions, *arguments)
         except seg_frames.UnexpectedTemplate as reason:
             log.warning("SEG frames left to highdicom: %s", reason)
     pixel_array = _in_source_frame_order(volume, _segment_label_map(scanned.masks, present))

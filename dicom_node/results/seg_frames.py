@@ -220,10 +220,10 @@ def per_frame_functional_groups(template: Dataset, sources: list[Dataset], frame
             [element(IMAGE_POSITION_PATIENT, b"DS", position_value(header.ImagePositionPatient))],
         )
     segment_items = {
-        frame.segment: sequence(
-            SEGMENT_IDENTIFICATION_SEQUENCE, [element(REFERENCED_SEGMENT_NUMBER, b"US", struct.pack("<H", frame.segment))]
+        segment: sequence(
+            SEGMENT_IDENTIFICATION_SEQUENCE, [element(REFERENCED_SEGMENT_NUMBER, b"US", struct.pack("<H", segment))]
         ) if segment_per_frame else b""
-        for frame in frames
+        for segment in {frame.segment for frame in frames}
     }
     return sequence(PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, (
         derivations[frame.plane]
