@@ -1,36 +1,35 @@
-"""The DICOM listener: association policy, C-ECHO and C-STORE.
+"""The DICOM listener's storage: what a C-STORE is answered, and how an instance is kept.
 
 An instance is answered Success only once its file is on disk (atomically, durably) and its
 row is committed: a Success the PACS sees is a promise that the instance will be processed,
 even if the node is killed the next moment. Bytes are stored exactly as received, in the
 transfer syntax the peer chose, so nothing is lost to a re-encoding.
 
-Association policy, checked before any data is accepted: the peer's address against
-``allowed_peers`` (refused at connection), the calling AE title against
-``allowed_calling_ae_titles`` and the called AE title against ``ae_title`` (A-ASSOCIATE-RJ).
-Every refusal is logged with the peer's address.
+The association policy and the protocol are the `acceptor`'s; this module gives it the
+node's settings and the C-STORE handler.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
 import socket
-import threading
-import time
+from io import BytesIO
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, UID_dictionary
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.uid import UID, ExplicitVRLittleEndian, UID_dictionary
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.dsutils import decode
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from . import db, index, store
+from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
 from .index import InstanceHeader
+from .upper_layer import file_preamble_and_meta
 
 log = logging.getLogger(__name__)
 
@@ -75,99 +74,32 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
-class PeerCheckingServer(ThreadedAssociationServer):
-    """Serves on the node's shared listening socket; refuses connections from addresses
-    outside ``allowed_peers`` before any PDU is read."""
-
-    allowed_peers: list = []
-
-    def server_bind(self) -> None:
-        self.socket.close()  # the one socketserver made, unbound: the node's is already listening
-        self.socket = self.ae.listening_socket
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
-
-    def server_activate(self) -> None:
-        """Nothing to do: `serve` made the socket listen before starting the receivers."""
-
-    def verify_request(self, request, client_address) -> bool:
-        if not self.allowed_peers:
-            return True
-        address = ipaddress.ip_address(client_address[0])
-        if any(address in network for network in self.allowed_peers):
-            return True
-        log.warning("refused a connection from %s: address not in allowed_peers", client_address[0])
-        return False
-
-
-class NodeAE(AE):
-    """pynetdicom's AE, serving through :class:`PeerCheckingServer`."""
-
-    allowed_peers: list = []
-    listening_socket: socket.socket  # set before make_server: see PeerCheckingServer.server_bind
-
-    def make_server(self, address, *args, server_class=None, **kwargs):
-        server = super().make_server(address, *args, server_class=PeerCheckingServer, **kwargs)
-        server.allowed_peers = self.allowed_peers
-        return server
-
-
 class Receiver:
-    """Handles one node's incoming associations; one instance per `serve` process."""
+    """Stores what one `serve` process receives; the protocol is the `Acceptor`'s."""
 
     def __init__(self, config: Config, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self.ae: NodeAE | None = None
-        self.server: ThreadedAssociationServer | None = None
-        self._in_flight = 0
-        self._in_flight_lock = threading.Condition()
+        self.acceptor: Acceptor | None = None
 
-    def handle_echo(self, event: evt.Event) -> int:
-        return SUCCESS
-
-    def handle_rejected(self, event: evt.Event) -> None:
-        requestor, node = event.assoc.requestor, self.config.node
-        called = event.assoc.acceptor.ae_title
-        if node.check_called_ae_title and called != node.ae_title:
-            reason = f"called AE title {called!r} is not {node.ae_title!r}"
-        elif node.allowed_calling_ae_titles and requestor.ae_title not in node.allowed_calling_ae_titles:
-            reason = f"calling AE title {requestor.ae_title!r} is not in allowed_calling_ae_titles"
-        elif self.ae is not None and len(self.ae.active_associations) >= node.max_associations:
-            reason = f"already {node.max_associations} associations (max_associations)"
-        else:
-            reason = "no acceptable presentation context or protocol error"
-        log.warning("rejected an association from %s:%s: %s", requestor.address, requestor.port, reason)
-
-    def handle_store(self, event: evt.Event) -> int:
-        with self._in_flight_lock:
-            self._in_flight += 1
+    def handle_store(self, request: StoreRequest) -> int:
+        peer = f"{request.calling_ae_title}@{request.address}"
+        named = request.sop_instance_uid or "an instance without SOP Instance UID"
         try:
-            return self._handle_store(event)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
-                self._in_flight_lock.notify_all()
-
-    def _handle_store(self, event: evt.Event) -> int:
-        requestor = event.assoc.requestor
-        peer = f"{requestor.ae_title}@{requestor.address}"
-        named = str(event.request.AffectedSOPInstanceUID or "an instance without SOP Instance UID")
-        try:
-            header = _header(event.dataset)
+            header = _header(_parse(request))
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
             log.warning("refused %s from %s: cannot parse the dataset (%s)", named, peer, error)
             return CANNOT_UNDERSTAND
         if header is None:
             log.warning("refused %s from %s: SOP Class/Instance, Study or Series UID missing or invalid", named, peer)
             return CANNOT_UNDERSTAND
-        if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
+        if header.sop_class_uid != request.sop_class_uid:
             log.warning(
                 "refused %s from %s: dataset SOP class %s is not the negotiated %s",
                 header.sop_instance_uid,
                 peer,
                 header.sop_class_uid,
-                event.request.AffectedSOPClassUID,
+                request.sop_class_uid,
             )
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         free_mb = _free_mb(self.config.node.data_dir)
@@ -182,7 +114,7 @@ class Receiver:
             )
             return OUT_OF_RESOURCES
         try:
-            self._store(event, header)
+            self._store(request, header)
         except OSError as error:
             log.error("could not store %s from %s: %s", header.sop_instance_uid, peer, error)
             return OUT_OF_RESOURCES
@@ -191,8 +123,9 @@ class Receiver:
             return PROCESSING_FAILURE
         return SUCCESS
 
-    def _store(self, event: evt.Event, header: InstanceHeader) -> None:
-        content = event.encoded_dataset(include_meta=True)
+    def _store(self, request: StoreRequest, header: InstanceHeader) -> None:
+        meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
+        content = meta + request.dataset
         digest = hashlib.sha256(content).hexdigest()
         with db.reading(self.engine) as connection:
             if index.stored_digest(connection, header.sop_instance_uid) == digest:
@@ -206,59 +139,53 @@ class Receiver:
             "series_uid": header.series_uid,
             "study_uid": header.study_uid,
             "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": str(event.context.transfer_syntax),
+            "transfer_syntax_uid": request.transfer_syntax,
             "path": str(path),
             "size": len(content),
             "sha256": digest,
-            "calling_ae": event.assoc.requestor.ae_title,
+            "calling_ae": request.calling_ae_title,
             "received_at": db.now(),
         }
         with self.engine.begin() as connection:
             index.index_instance(connection, header, instance, self.config.node.late_arrivals)
 
-    def start(self, listening: socket.socket, max_associations: int) -> ThreadedAssociationServer:
+    def start(self, listening: socket.socket, max_associations: int) -> Acceptor:
         """Serve on ``listening`` in background threads until :meth:`stop`.
 
         The socket is shared with the node's other receiver processes; this one takes up to
         ``max_associations`` of the node's associations.
         """
         node = self.config.node
-        ae = NodeAE(ae_title=node.ae_title)
-        ae.listening_socket = listening
-        ae.allowed_peers = list(node.allowed_peers)
-        ae.require_called_aet = node.check_called_ae_title
-        if node.allowed_calling_ae_titles:
-            ae.require_calling_aet = list(node.allowed_calling_ae_titles)
-        ae.maximum_associations = max_associations
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
-        ae.network_timeout = 60  # a stalled peer is dropped, never holds a thread for ever
-        ae.dimse_timeout = 120
-        # Also the ARTIM timer: how long a connection that sent garbage holds its slot.
-        ae.acse_timeout = 10
-        ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES)
-        for sop_class in storage_sop_classes():
-            ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
-        handlers = [
-            (evt.EVT_C_ECHO, self.handle_echo),
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_REJECTED, self.handle_rejected),
-        ]
+        policy = Policy(
+            ae_title=node.ae_title,
+            check_called_ae_title=node.check_called_ae_title,
+            allowed_calling_ae_titles=list(node.allowed_calling_ae_titles),
+            allowed_peers=list(node.allowed_peers),
+            max_associations=max_associations,
+        )
+        contexts = [_context(sop_class) for sop_class in [Verification, *storage_sop_classes()]]
         log.info("receiver process %d serving up to %d associations", os.getpid(), max_associations)
-        self.ae = ae
-        self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-        return self.server
+        self.acceptor = Acceptor(policy, contexts, self.handle_store)
+        self.acceptor.start(listening)
+        return self.acceptor
 
     def stop(self) -> None:
         """Stop accepting, let the C-STOREs in flight finish, then close what remains."""
-        if self.server is None or self.ae is None:
-            return
-        self.server.shutdown()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        with self._in_flight_lock:
-            while self._in_flight and time.monotonic() < deadline:
-                self._in_flight_lock.wait(timeout=0.5)
-        for association in self.ae.active_associations:
-            association.abort()
+        if self.acceptor is not None:
+            self.acceptor.stop(SHUTDOWN_GRACE_SECONDS)
+
+
+def _context(abstract_syntax: str) -> PresentationContext:
+    context = PresentationContext()
+    context.abstract_syntax = abstract_syntax
+    context.transfer_syntax = ACCEPTED_TRANSFER_SYNTAXES
+    return context
+
+
+def _parse(request: StoreRequest) -> Dataset:
+    """The data set as pydicom reads it: every element's bytes located, values decoded lazily."""
+    syntax = UID(request.transfer_syntax)
+    return decode(BytesIO(request.dataset), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
 
 
 def _free_mb(folder) -> float:

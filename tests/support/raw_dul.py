@@ -41,17 +41,24 @@ def p_data(data: bytes, command: bool, context_id: int = 1) -> bytes:
     return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
 
 
-def c_store_rq(sop_class_uid: str, sop_instance_uid: str) -> bytes:
+def command_rq(sop_class_uid: str, command_field: int, sop_instance_uid: str | None = None,
+               has_dataset: bool = True) -> bytes:
+    """A request's command set, as any DIMSE request starts."""
     command = Dataset()
     command.CommandGroupLength = 0
     command.AffectedSOPClassUID = sop_class_uid
-    command.CommandField = 0x0001
-    command.MessageID = 1
+    command.CommandField = command_field
+    command.MessageID = 7
     command.Priority = 0
-    command.CommandDataSetType = 0x0000
-    command.AffectedSOPInstanceUID = sop_instance_uid
+    command.CommandDataSetType = 0x0000 if has_dataset else 0x0101
+    if sop_instance_uid is not None:
+        command.AffectedSOPInstanceUID = sop_instance_uid
     command.CommandGroupLength = len(encode(command, True, True)) - 12
     return encode(command, True, True)
+
+
+def c_store_rq(sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    return command_rq(sop_class_uid, 0x0001, sop_instance_uid)
 
 
 def release_rq() -> bytes:
@@ -86,14 +93,17 @@ class RawAssociation:
             chunks += chunk
         return chunks
 
-    def store_status(self) -> int | None:
-        """The Status of the C-STORE response, or None when the node aborted or closed."""
+    def response(self) -> Dataset | None:
+        """The next response's command set, or None when the node aborted or closed."""
         pdu = self.read_pdu()
         if pdu is None or pdu[0] != 0x04:
             return None
-        body = pdu[1]
-        command = decode(BytesIO(body[6:]), True, True)
-        return int(command.Status)
+        return decode(BytesIO(pdu[1][6:]), True, True)
+
+    def store_status(self) -> int | None:
+        """The Status of the C-STORE response, or None when the node aborted or closed."""
+        response = self.response()
+        return None if response is None else int(response.Status)
 
     def close(self) -> None:
         try:

@@ -1,0 +1,78 @@
+"""The hand-written framing against pynetdicom's and pydicom's encoders and decoders."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+
+import pytest
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
+
+from dicom_node import upper_layer as ul
+from tests.support.raw_dul import c_store_rq, command_rq, p_data
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize("instance", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
+def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(syntax, instance):
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(
+        create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=instance, transfer_syntax=syntax)
+    )
+    assert ul.file_preamble_and_meta(CTImageStorage, instance, syntax) == expected
+
+
+def test_a_c_store_request_is_read_and_answered():
+    request = ul.read_command(c_store_rq(CTImageStorage, "1.2.3.45"))
+    assert ul.command_us(request, ul.COMMAND_FIELD) == ul.C_STORE_RQ
+    assert ul.command_uid(request, ul.AFFECTED_SOP_INSTANCE_UID) == "1.2.3.45"
+    assert ul.command_uid(request, ul.AFFECTED_SOP_CLASS_UID) == CTImageStorage
+
+    response = decode(BytesIO(ul.response_command(request, 0xA700)), True, True)
+    assert response.CommandField == 0x8001 and response.Status == 0xA700
+    assert response.MessageIDBeingRespondedTo == 7 and response.CommandDataSetType == 0x0101
+    assert response.AffectedSOPClassUID == CTImageStorage and response.AffectedSOPInstanceUID == "1.2.3.45"
+    encoded = ul.response_command(request, 0)
+    assert response.CommandGroupLength == len(encoded) - 12
+
+
+def test_an_echo_response_has_no_instance():
+    request = ul.read_command(command_rq("1.2.840.10008.1.1", ul.C_ECHO_RQ, has_dataset=False))
+    response = decode(BytesIO(ul.response_command(request, 0)), True, True)
+    assert response.CommandField == 0x8030 and "AffectedSOPInstanceUID" not in response
+
+
+def test_presentation_data_values_split_as_sent():
+    first = p_data(b"command", command=True, context_id=3)
+    second = p_data(b"data!", command=False, context_id=3)
+    body = bytearray(first[6:] + second[6:])  # two PDVs in one PDU
+    values = list(ul.presentation_data_values(body))
+    assert [(v.context_id, v.is_command, v.is_last, bytes(v.data)) for v in values] == [
+        (3, True, True, b"command"), (3, False, True, b"data!"),
+    ]
+
+
+@pytest.mark.parametrize("body", [b"\x00\x00\x00\x09\x01\x03abc", b"\x00\x00\x00\x01\x01", b"\x00\x00\x00"])
+def test_a_presentation_data_value_that_does_not_fit_is_a_protocol_error(body):
+    with pytest.raises(ul.ProtocolError):
+        list(ul.presentation_data_values(bytearray(body)))
+
+
+def test_a_truncated_command_set_is_a_protocol_error():
+    with pytest.raises(ul.ProtocolError):
+        ul.read_command(c_store_rq(CTImageStorage, "1.2.3")[:-3])
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16, 17, 64, 4096])
+def test_responses_fit_the_peers_maximum_pdu(max_pdu):
+    command = ul.response_command(ul.read_command(c_store_rq(CTImageStorage, "1.2.3.4.5")), 0)
+    pdus = ul.p_data_pdus(5, command, max_pdu)
+    rebuilt = b""
+    for number, pdu in enumerate(pdus):
+        kind, length = struct.unpack(">BxI", pdu[:6])
+        assert kind == ul.P_DATA_TF and length == len(pdu) - 6
+        assert max_pdu == 0 or length <= max_pdu
+        [value] = ul.presentation_data_values(bytearray(pdu[6:]))
+        assert value.context_id == 5 and value.is_command and value.is_last == (number == len(pdus) - 1)
+        rebuilt += bytes(value.data)
+    assert rebuilt == command
