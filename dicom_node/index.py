@@ -21,8 +21,9 @@ class InstanceHeader:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
-    study: dict  # columns of the studies row
-    series: dict  # columns of the series row
+    # Columns of the studies and series rows; None when the receiver knows both rows exist.
+    study: dict | None = None
+    series: dict | None = None
 
 
 def _insert(table, conflict: str, update: bool) -> TextClause:
@@ -47,6 +48,9 @@ _NEW_STUDY = text(
 _STUDY_RECEIVING = text(
     "UPDATE studies SET state = 'receiving', last_received_at = :received_at WHERE study_uid = :study_uid"
 )
+_STILL_RECEIVING = text(
+    "UPDATE studies SET last_received_at = :received_at WHERE study_uid = :study_uid AND state = 'receiving'"
+)
 _SERIES = _insert(db.series, "series_uid", update=False)
 _INSTANCE = _insert(db.instances, "sop_instance_uid", update=True)
 
@@ -62,17 +66,22 @@ def index_instance(connection: Connection, header: InstanceHeader, instance: dic
 
     A study that was complete is re-opened by a new instance (``late_arrivals = "reprocess"``)
     or keeps its state (``"ignore"``); either way the instance is indexed and the event logged.
+    The usual case, an instance of a study still receiving, takes one statement for the study.
     """
     received_at = instance["received_at"]
-    study = connection.execute(_STUDY_STATE, {"study_uid": header.study_uid}).first()
-    if study is None:
-        connection.execute(_NEW_STUDY, {"study_uid": header.study_uid, "received_at": received_at, **header.study})
-    elif study.state == "receiving" or late_arrivals == "reprocess":
-        if study.state != "receiving":
+    touched = connection.execute(_STILL_RECEIVING, {"study_uid": header.study_uid, "received_at": received_at})
+    if touched.rowcount == 0:
+        study = connection.execute(_STUDY_STATE, {"study_uid": header.study_uid}).first()
+        if study is None:
+            if header.study is None:
+                raise LookupError(f"study {header.study_uid} has no row, and no values were read for one")
+            connection.execute(_NEW_STUDY, {"study_uid": header.study_uid, "received_at": received_at, **header.study})
+        elif late_arrivals == "reprocess":
             db.log_event(connection, header.study_uid, "info", f"re-opened by a late instance {header.sop_instance_uid}")
-        connection.execute(_STUDY_RECEIVING, {"study_uid": header.study_uid, "received_at": received_at})
-    else:
-        message = f"late instance {header.sop_instance_uid} stored, not processed (late_arrivals = ignore)"
-        db.log_event(connection, header.study_uid, "info", message)
-    connection.execute(_SERIES, {"series_uid": header.series_uid, "study_uid": header.study_uid, **header.series})
+            connection.execute(_STUDY_RECEIVING, {"study_uid": header.study_uid, "received_at": received_at})
+        else:
+            message = f"late instance {header.sop_instance_uid} stored, not processed (late_arrivals = ignore)"
+            db.log_event(connection, header.study_uid, "info", message)
+    if header.series is not None:
+        connection.execute(_SERIES, {"series_uid": header.series_uid, "study_uid": header.study_uid, **header.series})
     connection.execute(_INSTANCE, instance)

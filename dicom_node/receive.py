@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import socket
+from dataclasses import replace
 from io import BytesIO
 
 from pydicom import Dataset
@@ -46,6 +47,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [
     syntax for syntax in ALL_TRANSFER_SYNTAXES if syntax != ExplicitVRLittleEndian
 ]
 SHUTDOWN_GRACE_SECONDS = 30.0
+MAX_REMEMBERED_SERIES = 10_000  # series a receiver remembers as indexed; forgetting only costs a row check
 
 
 def storage_sop_classes() -> list[str]:
@@ -81,12 +83,18 @@ class Receiver:
         self.config = config
         self.engine = engine
         self.acceptor: Acceptor | None = None
+        # (study, series) whose rows this process has committed. Rows are never deleted, so
+        # another instance of the pair needs neither row again, nor the values they hold.
+        self._indexed_series: set[tuple[str, str]] = set()
 
     def handle_store(self, request: StoreRequest) -> int:
         peer = f"{request.calling_ae_title}@{request.address}"
         named = request.sop_instance_uid or "an instance without SOP Instance UID"
         try:
-            header = _header(_parse(request))
+            dataset = _parse(request)
+            header = _header(dataset)
+            if header is not None and (header.study_uid, header.series_uid) not in self._indexed_series:
+                header = _described(header, dataset)
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
             log.warning("refused %s from %s: cannot parse the dataset (%s)", named, peer, error)
             return CANNOT_UNDERSTAND
@@ -124,12 +132,13 @@ class Receiver:
         return SUCCESS
 
     def _store(self, request: StoreRequest, header: InstanceHeader) -> None:
+        """File first, then the rows. A repeat of a stored instance is written again (the same
+        bytes under the same name) and recognised by its digest inside the index transaction,
+        which then changes nothing: one transaction per instance instead of a look-up and a
+        transaction."""
         meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
         content = meta + request.dataset
         digest = hashlib.sha256(content).hexdigest()
-        with db.reading(self.engine) as connection:
-            if index.stored_digest(connection, header.sop_instance_uid) == digest:
-                return  # the same instance again, unchanged: nothing to do
         path = store.instance_path(
             self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
@@ -147,7 +156,12 @@ class Receiver:
             "received_at": db.now(),
         }
         with self.engine.begin() as connection:
+            if index.stored_digest(connection, header.sop_instance_uid) == digest:
+                return  # the same instance again, unchanged: nothing to record
             index.index_instance(connection, header, instance, self.config.node.late_arrivals)
+        if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
+            self._indexed_series.clear()
+        self._indexed_series.add((header.study_uid, header.series_uid))
 
     def start(self, listening: socket.socket, max_associations: int) -> Acceptor:
         """Serve on ``listening`` in background threads until :meth:`stop`.
@@ -193,20 +207,28 @@ def _free_mb(folder) -> float:
     return stats.f_bavail * stats.f_frsize / 1e6
 
 
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SOP_INSTANCE_UID, SOP_CLASS_UID = 0x00080018, 0x00080016
+
+
 def _header(dataset: Dataset) -> InstanceHeader | None:
-    """Every value the index needs, read before anything is written: a dataset that fails to
-    parse half-way is refused whole, never half-stored."""
-    uids = [dataset.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")]
+    """The UIDs the index needs, read before anything is written: a dataset that fails to
+    parse half-way is refused whole, never half-stored. They are read from the elements'
+    bytes: pydicom's conversion of each value cost more than the rest of the parse."""
+    uids = [_uid(dataset, tag) for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID, SOP_CLASS_UID)]
     if not all(uids):
         return None
-    study_uid, series_uid, sop_instance_uid, sop_class_uid = (str(v).strip() for v in uids)
+    study_uid, series_uid, sop_instance_uid, sop_class_uid = uids
     if not all(store.is_valid_uid(uid) for uid in (study_uid, series_uid, sop_instance_uid)):
         return None
-    return InstanceHeader(
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_instance_uid=sop_instance_uid,
-        sop_class_uid=sop_class_uid,
+    return InstanceHeader(study_uid, series_uid, sop_instance_uid, sop_class_uid)
+
+
+def _described(header: InstanceHeader, dataset: Dataset) -> InstanceHeader:
+    """``header`` with the values of the study and series rows, for an instance of a series
+    this process has not indexed yet (the rows keep their first instance's values)."""
+    return replace(
+        header,
         study={
             "patient_id": str(dataset.get("PatientID", "")),
             "patient_name": str(dataset.get("PatientName", "")),
@@ -220,6 +242,16 @@ def _header(dataset: Dataset) -> InstanceHeader | None:
             "series_description": str(dataset.get("SeriesDescription", "")),
         },
     )
+
+
+def _uid(dataset: Dataset, tag: int) -> str | None:
+    """A UID element's value, unconverted: ASCII by definition, whatever the character set."""
+    element = dataset.get_item(tag)
+    if element is None or not element.value:
+        return None
+    value = element.value
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.strip("\0 ") or None
 
 
 def _int_or_none(value) -> int | None:
