@@ -24,11 +24,12 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from . import db, index, store
 from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
+from .group_commit import GroupCommit
 from .index import InstanceHeader
 from .upper_layer import file_preamble_and_meta
 
@@ -86,6 +87,7 @@ class Receiver:
         # (study, series) whose rows this process has committed. Rows are never deleted, so
         # another instance of the pair needs neither row again, nor the values they hold.
         self._indexed_series: set[tuple[str, str]] = set()
+        self._index = GroupCommit(engine, self._record)
 
     def handle_store(self, request: StoreRequest) -> int:
         peer = f"{request.calling_ae_title}@{request.address}"
@@ -132,10 +134,10 @@ class Receiver:
         return SUCCESS
 
     def _store(self, request: StoreRequest, header: InstanceHeader) -> None:
-        """File first, then the rows. A repeat of a stored instance is written again (the same
-        bytes under the same name) and recognised by its digest inside the index transaction,
-        which then changes nothing: one transaction per instance instead of a look-up and a
-        transaction."""
+        """File first, then the rows (`_record`, group-committed). A repeat of a stored instance
+        is written again (the same bytes under the same name) and recognised by its digest
+        inside the index transaction, which then changes nothing: one transaction per instance
+        instead of a look-up and a transaction."""
         meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
         content = meta + request.dataset
         digest = hashlib.sha256(content).hexdigest()
@@ -155,13 +157,20 @@ class Receiver:
             "calling_ae": request.calling_ae_title,
             "received_at": db.now(),
         }
-        with self.engine.begin() as connection:
-            if index.stored_digest(connection, header.sop_instance_uid) == digest:
-                return  # the same instance again, unchanged: nothing to record
-            index.index_instance(connection, header, instance, self.config.node.late_arrivals)
+        if not self._index((header, instance)):
+            return  # the same instance again, unchanged: nothing was recorded
         if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
             self._indexed_series.clear()
         self._indexed_series.add((header.study_uid, header.series_uid))
+
+    def _record(self, connection: Connection, indexed: tuple[InstanceHeader, dict]) -> bool:
+        """The rows of one stored file, in a transaction shared with the instances stored at
+        the same moment; False for a repeat of the stored instance, which changes nothing."""
+        header, instance = indexed
+        if index.stored_digest(connection, header.sop_instance_uid) == instance["sha256"]:
+            return False
+        index.index_instance(connection, header, instance, self.config.node.late_arrivals)
+        return True
 
     def start(self, listening: socket.socket, max_associations: int) -> Acceptor:
         """Serve on ``listening`` in background threads until :meth:`stop`.

@@ -1,8 +1,8 @@
 """The database's locking contract: writers queue for the write lock, readers never do.
 
 Every transaction takes SQLite's write lock up front (BEGIN IMMEDIATE), so that concurrent
-writers wait instead of failing half-way. The polls and look-ups on hot paths (the receiver's
-duplicate check, idle workers, completion and dispatch loops) use ``db.reading``, which must not
+writers wait instead of failing half-way. The polls on hot paths (idle workers,
+completion and dispatch loops) use ``db.reading``, which must not
 queue behind a writer: in WAL mode a reader sees the last commit while a write is in progress.
 """
 
