@@ -31,10 +31,14 @@ READ_AHEAD_FRACTION = 0.5
 SeriesReader = Callable[[str, list[Path]], list[StackFacts]]
 
 
-def _file_state(path: Path) -> tuple[Path, int, int]:
-    """What tells a stored file was written again: its size and modification time."""
-    state = os.stat(path)
-    return path, state.st_size, state.st_mtime_ns
+def file_states(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What tells that a series' files changed: which they are, each one's size and
+    modification time (a file written again has a new one)."""
+    states = []
+    for path in sorted(map(str, paths)):
+        state = os.stat(path)
+        states.append((path, state.st_size, state.st_mtime_ns))
+    return tuple(states)
 
 
 class ReadAhead:
@@ -47,13 +51,18 @@ class ReadAhead:
         self._read: dict[str, tuple[tuple, list[StackFacts]]] = {}
 
     def series_stacks(self, series_uid: str, paths: list[Path]) -> list[StackFacts]:
-        files = tuple(_file_state(path) for path in paths)
+        files = file_states(paths)
         known = self._read.get(series_uid)
         if known is not None and known[0] == files:
             return known[1]
         stacks = series_stacks(series_uid, paths)
         self._read[series_uid] = (files, stacks)
         return stacks
+
+    def files_of(self, series_uid: str) -> tuple | None:
+        """The files the series' stacks were last read from (see `file_states`)."""
+        known = self._read.get(series_uid)
+        return None if known is None else known[0]
 
     def retain(self, series_uids: set[str]) -> None:
         for series_uid in self._read.keys() - series_uids:
@@ -92,20 +101,24 @@ def job_priority(config: Config, pipeline_name: str, stack: StackFacts) -> int:
     return config.pipeline(pipeline_name).priority + max(boosts, default=0)
 
 
+def quieting_studies(engine: Engine, config: Config) -> list[tuple[str, float]]:
+    """(study UID, last received at) of the studies still receiving that have been quiet for
+    READ_AHEAD_FRACTION of ``stable_after`` or longer: those worth reading ahead."""
+    with db.reading(engine) as connection:
+        return [tuple(row) for row in connection.execute(
+            select(db.studies.c.study_uid, db.studies.c.last_received_at).where(
+                db.studies.c.state == "receiving",
+                db.studies.c.last_received_at <= db.now() - config.node.stable_after * READ_AHEAD_FRACTION,
+            )
+        )]
+
+
 def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead) -> int:
     """Mark every quiet study complete and queue its jobs; returns how many were completed.
     Studies quiet for part of the period have their series read ahead (see the module's note)."""
-    now = db.now()
-    cutoff = now - config.node.stable_after
-    with db.reading(engine) as connection:
-        quieting = connection.execute(
-            select(db.studies.c.study_uid, db.studies.c.last_received_at).where(
-                db.studies.c.state == "receiving",
-                db.studies.c.last_received_at <= now - config.node.stable_after * READ_AHEAD_FRACTION,
-            )
-        ).all()
+    cutoff = db.now() - config.node.stable_after
     completed, still_quieting = 0, set()
-    for study_uid, last_received_at in quieting:
+    for study_uid, last_received_at in quieting_studies(engine, config):
         candidates = study_stacks(engine, study_uid, read_ahead.series_stacks)
         if last_received_at > cutoff:  # read ahead only: not quiet long enough yet
             still_quieting.update(stack.series_uid for stack in candidates)

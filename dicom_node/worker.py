@@ -27,6 +27,7 @@ from . import db, jobs, store
 from .config import Config, Pipeline
 from .inference import Bundle, BundleError, choose_device
 from .job_memory import give_back_freed_memory, reuse_freed_memory
+from .prefetch import VolumePrefetch
 from .results import file_bytes
 from .results.codes import SegmentCodes, read_overrides
 from .results.equipment import Equipment
@@ -94,6 +95,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
         self.equipment = Equipment(config.node.ae_title)
+        self.prefetch = VolumePrefetch(config, engine)
 
     def bundle(self, pipeline: Pipeline, study_uid: str) -> Bundle:
         """Load once, run many: a bundle stays warm for the next job of its pipeline, until the
@@ -202,10 +204,13 @@ class Worker:
     def _run(self, job, pipeline: Pipeline) -> None:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        stacks = split_stacks(read_frames(self._series_paths(job["series_uid"])))
-        if job["stack"] not in stacks:
-            raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
-        volume = load_volume(stacks[job["stack"]])
+        paths = self._series_paths(job["series_uid"])
+        volume = self.prefetch.take(job["series_uid"], job["stack"], paths)
+        if volume is None:
+            stacks = split_stacks(read_frames(paths))
+            if job["stack"] not in stacks:
+                raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
+            volume = load_volume(stacks[job["stack"]])
         timings["volume"] = time.perf_counter() - started
         bundle = self.bundle(pipeline, job["study_uid"])
         labels = bundle.predict(volume)
@@ -278,6 +283,14 @@ class Worker:
                          ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()))
             jobs.finish(connection, job["id"], study, "done", None)
 
+    def _build_ahead(self) -> None:
+        """Idle time goes to the volumes of studies about to complete (`prefetch`); a failure
+        there costs only the head start."""
+        try:
+            self.prefetch.build_ahead()
+        except Exception:
+            log.exception("building volumes ahead failed; jobs will read their series themselves")
+
     def run_forever(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
         signal.signal(signal.SIGTERM, _raise_shutdown)
@@ -287,6 +300,7 @@ class Worker:
         try:
             while not stop.is_set():
                 if not self.run_once():
+                    self._build_ahead()
                     stop.wait(IDLE_POLL_SECONDS)
         except ShutdownRequested:
             log.info("worker %s stopping at SIGTERM", self.name)
