@@ -33,9 +33,10 @@ class NodeSettings(Strict):
     )
     workers: int = Field(1, ge=1, le=64, description="Inference worker processes started by `serve`.")
     receivers: int = Field(
-        0, ge=0, le=64,
+        1, ge=0, le=64,
         description="Processes that receive in parallel, sharing the listening socket and max_associations. "
-        "0: one per CPU core, at most 4.",
+        "One process group-commits the index rows of all its associations; several contend for "
+        "SQLite's write lock. 0: one per CPU core, at most 4.",
     )
     late_arrivals: Literal["reprocess", "ignore"] = Field(
         "reprocess",

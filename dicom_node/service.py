@@ -61,8 +61,8 @@ def receiver_process(config_path: Path, listening: socket.socket, max_associatio
 
 
 def receiver_count(config: Config) -> int:
-    """As configured, or one per core, at most 4: more than the cores cannot run at once, and
-    all receivers index through SQLite's one write lock."""
+    """As configured (one by default), or with 0 one per core, at most 4: more than the cores
+    cannot run at once, and all receivers index through SQLite's one write lock."""
     return config.node.receivers or min(os.cpu_count() or 1, 4)
 
 
