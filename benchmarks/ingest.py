@@ -57,6 +57,8 @@ def run_node(workdir: Path, paths, associations: int) -> float:
     config = write_node_config(workdir / "node", port, destinations=[], pipelines=[], stable_after=600)
     node = start_node(config, port)
     try:
+        # Measure the receiver, not the worker importing PyTorch beside it at start-up.
+        wait_for(lambda: " ready" in node.log(), 120, "the node's worker")
         return send(node.ae_title, port, paths, associations)
     finally:
         node.stop()
