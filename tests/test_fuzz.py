@@ -11,12 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, small_study
 from tests.support.peers import start_node, storescu, wait_for, write_node_config
-from tests.support.raw_dul import RawAssociation, associate_rq, c_store_rq, p_data
+from tests.support.raw_dul import RawAssociation, associate_rq, c_store_rq, dataset_bytes, p_data
 
 # Statuses a malformed instance may get; anything else (or a crash) is a failure of the node.
 REFUSALS = {0xC000, 0xA900, 0xA700, 0x0110, 0xC210, 0xC211}
@@ -40,10 +39,7 @@ def node(tmp_path_factory):
 
 def valid_dataset_bytes() -> tuple[bytes, str]:
     [ds] = ct_series(make_phantom((16, 16, 1), (10.0, 10.0, 5.0), seed=1), StudyInfo(), 1, "tiny")
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, ds)
-    return buffer.getvalue(), ds.SOPInstanceUID
+    return dataset_bytes(ds), ds.SOPInstanceUID
 
 
 VALID, VALID_UID = valid_dataset_bytes()
@@ -108,10 +104,7 @@ def test_garbage_pdus_only_cost_their_own_connection(node, garbage, after_associ
 def test_specific_defects_get_the_specific_status(node):
     without_uid = pydicom.dcmread(DicomBytesIO(VALID), force=True)
     del without_uid.SOPInstanceUID
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, without_uid)
-    assert send_instance(node, buffer.getvalue()) == 0xC000
+    assert send_instance(node, dataset_bytes(without_uid)) == 0xC000
     assert send_instance(node, VALID, sop_class=MRImageStorage) == 0xA900
     assert "refused" in node.log() and VALID_UID in node.log()
 

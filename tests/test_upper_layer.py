@@ -6,7 +6,12 @@ import struct
 from io import BytesIO
 
 import pytest
-from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 
 from dicom_node import upper_layer as ul

@@ -11,6 +11,8 @@ import struct
 from io import BytesIO
 
 from pydicom import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pynetdicom.dsutils import decode, encode
 
 APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -34,6 +36,14 @@ def associate_rq(called: str, calling: str, abstract_syntax: str, transfer_synta
         + _item(0x50, user)
     )
     return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def dataset_bytes(ds: Dataset) -> bytes:
+    """A data set as a C-STORE carries it: Explicit VR Little Endian, no file meta."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
 
 
 def p_data(data: bytes, command: bool, context_id: int = 1) -> bytes:
