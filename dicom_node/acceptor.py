@@ -7,10 +7,10 @@ whole, answers C-ECHO and C-STORE with hand-written command sets (`upper_layer`)
 only in ``recv``. Negotiation, once per association, still uses pynetdicom's PDU classes and its
 presentation-context negotiation, so the node accepts exactly what pynetdicom accepted.
 
-Association policy, applied in this order as pynetdicom did: the peer's address against
-``allowed_peers`` (connection closed before any PDU is read), then the calling AE title, the
-called AE title and the number of associations (A-ASSOCIATE-RJ). Every refusal is logged with
-the peer's address and the reason.
+Association policy, in this order: the peer's address against ``allowed_peers`` (connection
+closed before any PDU is read), then the called AE title, the calling AE title and the number
+of associations (A-ASSOCIATE-RJ with the reason PS3.8 has for each). Every refusal is logged
+with the peer's address and the reason.
 """
 
 from __future__ import annotations
@@ -109,11 +109,6 @@ class Acceptor:
         self._stopping = threading.Event()
         self._accept_thread: threading.Thread | None = None
 
-    @property
-    def active_associations(self) -> int:
-        with self._lock:
-            return len(self._associations)
-
     def start(self, listening: socket.socket) -> None:
         self._accept_thread = threading.Thread(target=self._accept_loop, args=(listening,),
                                                name="accept", daemon=True)
@@ -177,11 +172,8 @@ class Acceptor:
                 return
             if negotiated is None:
                 return
-            try:
-                connection.settimeout(self.policy.network_timeout)
-                self._exchange(association, negotiated)
-            finally:
-                self._forget(association)
+            connection.settimeout(self.policy.network_timeout)
+            self._exchange(association, negotiated)
         except ul.ConnectionClosed:
             pass
         except TimeoutError:
@@ -198,6 +190,7 @@ class Acceptor:
             log.exception("aborted the association with %s after an unexpected error", association.peer)
             self._abort(association, ul.REASON_NOT_SPECIFIED)
         finally:
+            self._forget(association)  # counted from admission on (see _admit)
             connection.close()
 
     def _forget(self, association: _Association) -> None:
@@ -222,7 +215,7 @@ class Acceptor:
         except Exception as error:  # pynetdicom raises anything on a corrupt PDU
             raise ul.ProtocolError(f"cannot decode the A-ASSOCIATE-RQ ({error})") from error
         calling, called = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
-        rejection = self._rejection(calling, called)
+        rejection = self._rejection(calling, called) or self._admit(association)
         if rejection is not None:
             (result, source, reason), why = rejection
             log.warning("rejected an association from %s: %s", association.peer, why)
@@ -251,8 +244,6 @@ class Acceptor:
         accept.user_information = [maximum, implementation, version, *role_answers]
         answer = AssociateAccept()
         answer.from_primitive(accept)
-        with self._lock:
-            self._associations.add(association)
         association.send(answer.encode())
         peer_max = next((item.maximum_length_received for item in user_information
                          if isinstance(item, MaximumLengthNotification)), 0)
@@ -262,10 +253,17 @@ class Acceptor:
         }
         return _Negotiated(calling, contexts, peer_max or 0)
 
+    def _admit(self, association: _Association) -> tuple[tuple[int, int, int], str] | None:
+        """Count the association in, unless the limit is reached (checked and counted at once,
+        so two peers arriving together cannot both take the last place)."""
+        with self._lock:
+            if len(self._associations) >= self.policy.max_associations:
+                return LOCAL_LIMIT_EXCEEDED, f"already {self.policy.max_associations} associations (max_associations)"
+            self._associations.add(association)
+        return None
+
     def _rejection(self, calling: str, called: str) -> tuple[tuple[int, int, int], str] | None:
         policy = self.policy
-        if self.active_associations >= policy.max_associations:
-            return LOCAL_LIMIT_EXCEEDED, f"already {policy.max_associations} associations (max_associations)"
         if policy.check_called_ae_title and called != policy.ae_title:
             return CALLED_AE_NOT_RECOGNIZED, f"called AE title {called!r} is not {policy.ae_title!r}"
         if policy.allowed_calling_ae_titles and calling not in policy.allowed_calling_ae_titles:
