@@ -78,8 +78,14 @@ class Policy:
 @dataclass(eq=False)
 class _Association:
     connection: socket.socket
-    peer: str
+    address: str
+    port: int
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def peer(self) -> str:
+        """How log lines name the peer."""
+        return f"{self.address}:{self.port}"
 
     def send(self, *pdus: bytes) -> None:
         with self.send_lock:
@@ -150,7 +156,7 @@ class Acceptor:
                 continue
             connection.setblocking(True)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            association = _Association(connection, f"{address[0]}:{address[1]}")
+            association = _Association(connection, address[0], address[1])
             threading.Thread(target=self._serve, args=(association,), name=f"association {association.peer}",
                              daemon=True).start()
 
@@ -321,7 +327,7 @@ class Acceptor:
             abstract_syntax, transfer_syntax = negotiated.contexts[context_id]
             request = StoreRequest(
                 calling_ae_title=negotiated.calling_ae_title,
-                address=association.peer.rpartition(":")[0],
+                address=association.address,
                 sop_class_uid=ul.command_uid(command, ul.AFFECTED_SOP_CLASS_UID) or abstract_syntax,
                 sop_instance_uid=ul.command_uid(command, ul.AFFECTED_SOP_INSTANCE_UID),
                 transfer_syntax=transfer_syntax,

@@ -183,7 +183,9 @@ def _explicit_element(element: int, vr: bytes, value: bytes) -> bytes:
 def file_preamble_and_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """The Part 10 preamble, prefix and file meta group for an instance received over the
     network, byte for byte what pynetdicom writes, so a stored file's SHA-256 (the node's
-    duplicate check) does not depend on which receiver wrote it."""
+    duplicate check) does not depend on which receiver wrote it. Written by hand because
+    pynetdicom's ``encode_file_meta(create_file_meta(...))`` took 0.72 ms an instance (this:
+    0.007 ms), a quarter of a small instance's whole handling."""
     body = b"".join((
         _explicit_element(0x0001, b"OB", b"\x00\x01"),
         _explicit_element(0x0002, b"UI", sop_class_uid.encode()),

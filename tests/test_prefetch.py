@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import update
 
 from dicom_node import db
@@ -16,8 +16,9 @@ from dicom_node.config import load_config
 from dicom_node.prefetch import VolumePrefetch
 from dicom_node.receive import Receiver
 from dicom_node.volume import load_volume, read_frames, split_stacks
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, write_series
+from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom
 from tests.support.peers import write_node_config
+from tests.support.raw_dul import dataset_bytes
 
 STABLE_AFTER = 10.0
 
@@ -30,12 +31,9 @@ def received(tmp_path, images, quiet_for: float):
     ))
     engine = db.connect(config.database_url)
     receiver = Receiver(config, engine)
-    for path in write_series(images, tmp_path / "sent"):
-        data = path.read_bytes()
-        meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
-        ds = pydicom.dcmread(path)
+    for ds in images:
         request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID,
-                               str(ds.file_meta.TransferSyntaxUID), data[meta_end:])
+                               ExplicitVRLittleEndian, dataset_bytes(ds))
         assert receiver.handle_store(request) == 0
     with engine.begin() as connection:
         connection.execute(update(db.studies).values(last_received_at=db.now() - quiet_for))
