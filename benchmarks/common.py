@@ -53,7 +53,7 @@ def write_ct(folder: Path, slices: int, size: int, series_description: str = "be
 
 def send(ae_title: str, port: int, paths: list[Path], associations: int) -> float:
     """Seconds for ``associations`` concurrent storescu processes to send ``paths`` between them."""
-    chunks = [paths[i::associations] for i in range(associations)]
+    chunks = [chunk for chunk in (paths[i::associations] for i in range(associations)) if chunk]
     started = time.perf_counter()
     senders = [
         subprocess.Popen(["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, chunk)],

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from sqlalchemy import Connection, Engine
-
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
+Transaction = TypeVar("Transaction")
 
 
 @dataclass(eq=False)
@@ -30,14 +30,18 @@ class _Ticket(Generic[Item, Outcome]):
     error: Exception | None = None
 
 
-class GroupCommit(Generic[Item, Outcome]):
-    """Calls ``record(connection, item)`` for each item inside a transaction it may share with
+class GroupCommit(Generic[Transaction, Item, Outcome]):
+    """Calls ``record(transaction, item)`` for each item inside a transaction it may share with
     the items of other threads, and returns that item's outcome once the transaction is
     committed. An item whose recording fails is retried in a transaction of its own, so it
-    fails alone, with its own error."""
+    fails alone, with its own error.
 
-    def __init__(self, engine: Engine, record: Callable[[Connection, Item], Outcome]) -> None:
-        self.engine = engine
+    ``transaction()`` opens one (a context manager that commits when its block ends, such as
+    SQLAlchemy's ``engine.begin``); the group commit opens one at a time."""
+
+    def __init__(self, transaction: Callable[[], AbstractContextManager[Transaction]],
+                 record: Callable[[Transaction, Item], Outcome]) -> None:
+        self.transaction = transaction
         self.record = record
         self._pending: list[_Ticket[Item, Outcome]] = []
         self._pending_lock = threading.Lock()
@@ -58,8 +62,8 @@ class GroupCommit(Generic[Item, Outcome]):
 
     def _commit(self, batch: list[_Ticket[Item, Outcome]]) -> None:
         try:
-            with self.engine.begin() as connection:
-                outcomes = [self.record(connection, ticket.item) for ticket in batch]
+            with self.transaction() as transaction:
+                outcomes = [self.record(transaction, ticket.item) for ticket in batch]
         except Exception as error:  # noqa: BLE001 - handed to the caller whose item failed
             if len(batch) == 1:
                 batch[0].error, batch[0].done = error, True
@@ -72,8 +76,8 @@ class GroupCommit(Generic[Item, Outcome]):
 
     def _commit_alone(self, ticket: _Ticket[Item, Outcome]) -> None:
         try:
-            with self.engine.begin() as connection:
-                ticket.outcome = self.record(connection, ticket.item)
+            with self.transaction() as transaction:
+                ticket.outcome = self.record(transaction, ticket.item)
         except Exception as error:  # noqa: BLE001 - handed to the caller whose item failed
             ticket.error = error
         ticket.done = True

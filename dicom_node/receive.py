@@ -24,13 +24,14 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
-from . import db, index, store
+from . import db, store
 from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
+from .driver_sql import DriverConnection
 from .group_commit import GroupCommit
-from .index import InstanceHeader
+from .index import InstanceHeader, InstanceIndex
 from .upper_layer import file_preamble_and_meta
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ class Receiver:
         # (study, series) whose rows this process has committed. Rows are never deleted, so
         # another instance of the pair needs neither row again, nor the values they hold.
         self._indexed_series: set[tuple[str, str]] = set()
-        self._index = GroupCommit(engine, self._record)
+        self._connection = DriverConnection(engine)
+        self._instances = InstanceIndex(self._connection, config.node.late_arrivals)
+        self._index = GroupCommit(self._connection.transaction, self._record)
 
     def handle_store(self, request: StoreRequest) -> int:
         peer = f"{request.calling_ae_title}@{request.address}"
@@ -163,14 +166,11 @@ class Receiver:
             self._indexed_series.clear()
         self._indexed_series.add((header.study_uid, header.series_uid))
 
-    def _record(self, connection: Connection, indexed: tuple[InstanceHeader, dict]) -> bool:
+    def _record(self, cursor, indexed: tuple[InstanceHeader, dict]) -> bool:
         """The rows of one stored file, in a transaction shared with the instances stored at
         the same moment; False for a repeat of the stored instance, which changes nothing."""
         header, instance = indexed
-        if index.stored_digest(connection, header.sop_instance_uid) == instance["sha256"]:
-            return False
-        index.index_instance(connection, header, instance, self.config.node.late_arrivals)
-        return True
+        return self._instances.record(cursor, header, instance)
 
     def start(self, listening: socket.socket, max_associations: int) -> Acceptor:
         """Serve on ``listening`` in background threads until :meth:`stop`.
@@ -196,6 +196,7 @@ class Receiver:
         """Stop accepting, let the C-STOREs in flight finish, then close what remains."""
         if self.acceptor is not None:
             self.acceptor.stop(SHUTDOWN_GRACE_SECONDS)
+        self._connection.close()
 
 
 def _context(abstract_syntax: str) -> PresentationContext:

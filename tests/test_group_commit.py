@@ -36,7 +36,7 @@ def test_callers_waiting_for_a_commit_share_the_next_one(tmp_path):
         transactions[uid] = id(connection.get_transaction())
         return _insert_study(connection, uid)
 
-    commit = GroupCommit(engine, record)
+    commit = GroupCommit(engine.begin, record)
     first = threading.Thread(target=commit, args=("1.1",))
     first.start()
     assert first_inside.wait(10)
@@ -55,7 +55,7 @@ def test_callers_waiting_for_a_commit_share_the_next_one(tmp_path):
 
 def test_a_caller_returns_after_its_rows_are_committed(tmp_path):
     engine = db.connect(f"sqlite:///{tmp_path / 'node.sqlite'}")
-    commit = GroupCommit(engine, _insert_study)
+    commit = GroupCommit(engine.begin, _insert_study)
     for n in range(5):
         commit(f"2.{n}")
         assert _count(engine) == n + 1  # visible to another connection at once
@@ -70,7 +70,7 @@ def test_a_failing_item_fails_alone(tmp_path):
             gate.wait(10)
         return _insert_study(connection, uid)
 
-    commit = GroupCommit(engine, record)
+    commit = GroupCommit(engine.begin, record)
     errors: dict[str, Exception] = {}
 
     def call(uid: str) -> None:
