@@ -63,7 +63,6 @@ class InstanceIndex:
     in turn (the receiver's group commit)."""
 
     def __init__(self, connection: DriverConnection, late_arrivals: str) -> None:
-        self.connection = connection
         self.late_arrivals = late_arrivals
         prepare = connection.prepare
         self._digest, self._study_state, self._new_study = prepare(_DIGEST), prepare(_STUDY_STATE), prepare(_NEW_STUDY)
