@@ -152,10 +152,13 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+SQLITE_BEGIN = "BEGIN IMMEDIATE"  # how every write transaction of the node starts on SQLite
+
+
 def _sqlite_begin(connection) -> None:
     if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return  # a connection from reading(): no lock to take
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    connection.exec_driver_sql(SQLITE_BEGIN)
 
 
 def reading(engine: Engine) -> Connection:

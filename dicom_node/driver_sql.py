@@ -17,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import Engine, TextClause
 
+from . import db
+
 
 class Prepared:
     """A text clause as the driver takes it: its SQL in the driver's parameter style, and the
@@ -37,14 +39,14 @@ class Prepared:
 
 
 class DriverConnection:
-    """One driver connection, used by one thread at a time (callers serialise, as the group
-    commit does). On SQLite a transaction takes the write lock up front, as every transaction
-    of the node does (`db._sqlite_begin`); the connection's pragmas are the engine's, set when
+    """One driver connection; its transactions run one at a time, and `close` waits for the
+    one in flight. On SQLite a transaction takes the write lock up front, as every transaction
+    of the node does (`db.SQLITE_BEGIN`); the connection's pragmas are the engine's, set when
     the pool connected it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._begin = "BEGIN IMMEDIATE" if engine.dialect.name == "sqlite" else None
+        self._begin = db.SQLITE_BEGIN if engine.dialect.name == "sqlite" else None
         self._connection = engine.raw_connection()
         self._lock = threading.Lock()
 

@@ -65,8 +65,7 @@ def test_a_transaction_takes_the_write_lock_at_its_start(tmp_path):
     engine = db.connect(f"sqlite:///{tmp_path / 'node.sqlite'}")
     driver = DriverConnection(engine)
     other = sqlite3.connect(tmp_path / "node.sqlite", timeout=0)
-    with driver.transaction():
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
-            other.execute("BEGIN IMMEDIATE")
+    with driver.transaction(), pytest.raises(sqlite3.OperationalError, match="locked"):
+        other.execute("BEGIN IMMEDIATE")
     other.execute("BEGIN IMMEDIATE")
     other.rollback()
