@@ -153,6 +153,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 SQLITE_BEGIN = "BEGIN IMMEDIATE"  # how every write transaction of the node starts on SQLite
+# For a connection whose commits may return before they are flushed (`DriverConnection`). In WAL
+# mode the order of commits is kept: a later flushed commit, any other connection's, flushes it too.
+SQLITE_COMMIT_BEFORE_FLUSH = "PRAGMA synchronous=NORMAL"
 
 
 def _sqlite_begin(connection) -> None:

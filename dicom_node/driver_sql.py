@@ -42,13 +42,29 @@ class DriverConnection:
     """One driver connection; its transactions run one at a time, and `close` waits for the
     one in flight. On SQLite a transaction takes the write lock up front, as every transaction
     of the node does (`db.SQLITE_BEGIN`); the connection's pragmas are the engine's, set when
-    the pool connected it."""
+    the pool connected it.
 
-    def __init__(self, engine: Engine) -> None:
+    ``durable_commits=False`` lets a commit return before the disk has it (SQLite's
+    synchronous=NORMAL, for this connection only): a killed process loses nothing, a power cut
+    may lose the last commits. Only for rows that can be rebuilt from what is on disk (the
+    receiver's index rows: `reindex`). Such a connection never goes back to the engine's pool,
+    where another user would inherit its setting.
+    """
+
+    def __init__(self, engine: Engine, durable_commits: bool = True) -> None:
         self.engine = engine
+        self.durable_commits = durable_commits
         self._begin = db.SQLITE_BEGIN if engine.dialect.name == "sqlite" else None
-        self._connection = engine.raw_connection()
+        self._connection = self._connect()
         self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        connection = self.engine.raw_connection()
+        if not self.durable_commits and self.engine.dialect.name == "sqlite":
+            cursor = connection.cursor()
+            cursor.execute(db.SQLITE_COMMIT_BEFORE_FLUSH)
+            cursor.close()
+        return connection
 
     def prepare(self, clause: TextClause) -> Prepared:
         return Prepared(self.engine, clause)
@@ -79,9 +95,12 @@ class DriverConnection:
             self._connection.rollback()
         except Exception:  # noqa: BLE001 - the connection is unusable: start a fresh one
             self._connection.invalidate()
-            self._connection = self.engine.raw_connection()
+            self._connection = self._connect()
 
     def close(self) -> None:
-        """Hand the connection back to the engine's pool, once the transaction in flight ends."""
+        """Hand the connection back to the engine's pool (close it, if its commits are not
+        durable), once the transaction in flight ends."""
         with self._lock:
+            if not self.durable_commits:
+                self._connection.invalidate()
             self._connection.close()

@@ -1,11 +1,11 @@
 """Group commit: the index rows of instances received at the same moment share one transaction.
 
-Every instance's rows must be committed (and fsync'd) before its C-STORE is answered. Alone,
+Every instance's rows must be committed before its C-STORE is answered. Alone,
 each transaction takes SQLite's one write lock for its own commit, and concurrent associations
 queue on that lock (measured with four senders: a third of the receivers' time waiting in
 BEGIN IMMEDIATE, a third in commits). Here a thread that finds another committing waits for it,
 then commits everything that arrived meanwhile, its own included, in one transaction: each
-caller still returns only once its rows are durable, and a lone association pays nothing more
+caller still returns only once its rows are committed, and a lone association pays nothing more
 than before.
 """
 

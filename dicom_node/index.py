@@ -8,12 +8,15 @@ driver's connection (`driver_sql`): SQLAlchemy's execution around them was the n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset
 from sqlalchemy import TextClause, text
 
-from . import db
+from . import db, store
 from .driver_sql import DriverConnection
 
 
@@ -26,6 +29,77 @@ class InstanceHeader:
     # Columns of the studies and series rows; None when the receiver knows both rows exist.
     study: dict | None = None
     series: dict | None = None
+
+
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SOP_INSTANCE_UID, SOP_CLASS_UID = 0x00080018, 0x00080016
+
+
+def header_of(dataset: Dataset) -> InstanceHeader | None:
+    """The UIDs the index needs, or None where one is missing or not a valid UID. The receiver
+    reads them before anything is written: a dataset that fails to parse half-way is refused
+    whole, never half-stored. They are read from the elements'
+    bytes: pydicom's conversion of each value cost more than the rest of the parse."""
+    uids = [_uid(dataset, tag) for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID, SOP_CLASS_UID)]
+    if not all(uids):
+        return None
+    study_uid, series_uid, sop_instance_uid, sop_class_uid = uids
+    if not all(store.is_valid_uid(uid) for uid in (study_uid, series_uid, sop_instance_uid)):
+        return None
+    return InstanceHeader(study_uid, series_uid, sop_instance_uid, sop_class_uid)
+
+
+def described(header: InstanceHeader, dataset: Dataset) -> InstanceHeader:
+    """``header`` with the values of the study and series rows, for an instance of a series
+    not known to be indexed yet (the rows keep their first instance's values)."""
+    return replace(
+        header,
+        study={
+            "patient_id": str(dataset.get("PatientID", "")),
+            "patient_name": str(dataset.get("PatientName", "")),
+            "accession_number": str(dataset.get("AccessionNumber", "")),
+            "study_date": str(dataset.get("StudyDate", "")),
+            "study_description": str(dataset.get("StudyDescription", "")),
+        },
+        series={
+            "modality": str(dataset.get("Modality", "")),
+            "series_number": _int_or_none(dataset.get("SeriesNumber")),
+            "series_description": str(dataset.get("SeriesDescription", "")),
+        },
+    )
+
+
+def _uid(dataset: Dataset, tag: int) -> str | None:
+    """A UID element's value, unconverted: ASCII by definition, whatever the character set."""
+    element = dataset.get_item(tag)
+    if element is None or not element.value:
+        return None
+    value = element.value
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return text.strip("\0 ") or None
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+def instance_row(header: InstanceHeader, path: Path, content: bytes, transfer_syntax: str,
+                 calling_ae: str | None, received_at: float) -> dict:
+    """The instances row of a stored file; ``content`` is the file's bytes, meta header included."""
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "series_uid": header.series_uid,
+        "study_uid": header.study_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": transfer_syntax,
+        "path": str(path),
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "calling_ae": calling_ae,
+        "received_at": received_at,
+    }
 
 
 def _insert(table, conflict: str, update: bool) -> TextClause:

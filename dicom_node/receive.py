@@ -2,7 +2,8 @@
 
 An instance is answered Success only once its file is on disk (atomically, durably) and its
 row is committed: a Success the PACS sees is a promise that the instance will be processed,
-even if the node is killed the next moment. Bytes are stored exactly as received, in the
+even if the node is killed the next moment. The commit does not wait for the disk; after a
+power cut, start-up indexes the files whose rows were lost (`reindex`). Bytes are stored exactly as received, in the
 transfer syntax the peer chose, so nothing is lost to a re-encoding.
 
 The association policy and the protocol are the `acceptor`'s; this module gives it the
@@ -11,11 +12,9 @@ node's settings and the C-STORE handler.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
-from dataclasses import replace
 from io import BytesIO
 
 from pydicom import Dataset
@@ -31,7 +30,7 @@ from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
 from .driver_sql import DriverConnection
 from .group_commit import GroupCommit
-from .index import InstanceHeader, InstanceIndex
+from .index import InstanceHeader, InstanceIndex, described, header_of, instance_row
 from .upper_layer import file_preamble_and_meta
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,9 @@ class Receiver:
         # (study, series) whose rows this process has committed. Rows are never deleted, so
         # another instance of the pair needs neither row again, nor the values they hold.
         self._indexed_series: set[tuple[str, str]] = set()
-        self._connection = DriverConnection(engine)
+        # Index commits need not wait for the disk: the file is already there, and the rows a
+        # power cut takes are rebuilt from it at the next start (`reindex`).
+        self._connection = DriverConnection(engine, durable_commits=False)
         self._instances = InstanceIndex(self._connection, config.node.late_arrivals)
         self._index = GroupCommit(self._connection.transaction, self._record)
 
@@ -97,9 +98,9 @@ class Receiver:
         named = request.sop_instance_uid or "an instance without SOP Instance UID"
         try:
             dataset = _parse(request)
-            header = _header(dataset)
+            header = header_of(dataset)
             if header is not None and (header.study_uid, header.series_uid) not in self._indexed_series:
-                header = _described(header, dataset)
+                header = described(header, dataset)
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
             log.warning("refused %s from %s: cannot parse the dataset (%s)", named, peer, error)
             return CANNOT_UNDERSTAND
@@ -143,23 +144,11 @@ class Receiver:
         instead of a look-up and a transaction."""
         meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
         content = meta + request.dataset
-        digest = hashlib.sha256(content).hexdigest()
         path = store.instance_path(
             self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
         store.write_durably(path, content)
-        instance = {
-            "sop_instance_uid": header.sop_instance_uid,
-            "series_uid": header.series_uid,
-            "study_uid": header.study_uid,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": request.transfer_syntax,
-            "path": str(path),
-            "size": len(content),
-            "sha256": digest,
-            "calling_ae": request.calling_ae_title,
-            "received_at": db.now(),
-        }
+        instance = instance_row(header, path, content, request.transfer_syntax, request.calling_ae_title, db.now())
         if not self._index((header, instance)):
             return  # the same instance again, unchanged: nothing was recorded
         if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
@@ -215,57 +204,3 @@ def _parse(request: StoreRequest) -> Dataset:
 def _free_mb(folder) -> float:
     stats = os.statvfs(folder)
     return stats.f_bavail * stats.f_frsize / 1e6
-
-
-STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
-SOP_INSTANCE_UID, SOP_CLASS_UID = 0x00080018, 0x00080016
-
-
-def _header(dataset: Dataset) -> InstanceHeader | None:
-    """The UIDs the index needs, read before anything is written: a dataset that fails to
-    parse half-way is refused whole, never half-stored. They are read from the elements'
-    bytes: pydicom's conversion of each value cost more than the rest of the parse."""
-    uids = [_uid(dataset, tag) for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID, SOP_CLASS_UID)]
-    if not all(uids):
-        return None
-    study_uid, series_uid, sop_instance_uid, sop_class_uid = uids
-    if not all(store.is_valid_uid(uid) for uid in (study_uid, series_uid, sop_instance_uid)):
-        return None
-    return InstanceHeader(study_uid, series_uid, sop_instance_uid, sop_class_uid)
-
-
-def _described(header: InstanceHeader, dataset: Dataset) -> InstanceHeader:
-    """``header`` with the values of the study and series rows, for an instance of a series
-    this process has not indexed yet (the rows keep their first instance's values)."""
-    return replace(
-        header,
-        study={
-            "patient_id": str(dataset.get("PatientID", "")),
-            "patient_name": str(dataset.get("PatientName", "")),
-            "accession_number": str(dataset.get("AccessionNumber", "")),
-            "study_date": str(dataset.get("StudyDate", "")),
-            "study_description": str(dataset.get("StudyDescription", "")),
-        },
-        series={
-            "modality": str(dataset.get("Modality", "")),
-            "series_number": _int_or_none(dataset.get("SeriesNumber")),
-            "series_description": str(dataset.get("SeriesDescription", "")),
-        },
-    )
-
-
-def _uid(dataset: Dataset, tag: int) -> str | None:
-    """A UID element's value, unconverted: ASCII by definition, whatever the character set."""
-    element = dataset.get_item(tag)
-    if element is None or not element.value:
-        return None
-    value = element.value
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-    return text.strip("\0 ") or None
-
-
-def _int_or_none(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None

@@ -69,3 +69,29 @@ def test_a_transaction_takes_the_write_lock_at_its_start(tmp_path):
         other.execute("BEGIN IMMEDIATE")
     other.execute("BEGIN IMMEDIATE")
     other.rollback()
+
+
+def _synchronous(dbapi_connection) -> int:
+    cursor = dbapi_connection.cursor()
+    try:
+        return cursor.execute("PRAGMA synchronous").fetchone()[0]
+    finally:
+        cursor.close()
+
+
+def test_commits_that_need_not_wait_for_the_disk_stay_on_their_own_connection(tmp_path):
+    engine = db.connect(f"sqlite:///{tmp_path / 'node.sqlite'}")
+    driver = DriverConnection(engine, durable_commits=False)
+    with driver.transaction() as cursor:
+        assert cursor.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: flushed at checkpoints
+        driver.prepare(_NEW_STUDY).run(cursor, {"study_uid": "1.2", "at": 1.0})
+    driver.close()
+    assert _studies(engine) == ["1.2"]
+    for _ in range(3):  # whatever the pool hands out now flushes every commit, as before
+        pooled = engine.raw_connection()
+        assert _synchronous(pooled) == 2  # FULL
+        pooled.close()
+    durable = DriverConnection(engine)
+    with durable.transaction() as cursor:
+        assert cursor.execute("PRAGMA synchronous").fetchone()[0] == 2
+    durable.close()

@@ -1,0 +1,108 @@
+"""After a power cut, files whose index rows were lost are indexed again at start-up, from
+their own headers, once per boot of the machine."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node import db, store
+from dicom_node.config import load_config
+from dicom_node.receive import Receiver
+from dicom_node.reindex import CHECKED_MARKER, reindex_after_boot
+from tests.support.ct_study import small_study
+from tests.support.peers import write_node_config
+
+
+@pytest.fixture
+def node(tmp_path):
+    config = load_config(write_node_config(tmp_path / "node", 11112, destinations=[], pipelines=[]))
+    return config, db.connect(config.database_url)
+
+
+def stored_as_received(config, paths: list[Path]) -> list[Path]:
+    """The files where the receiver would have written them, with no index rows."""
+    placed = []
+    for path in paths:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        target = store.instance_path(config.node.data_dir, dataset.StudyInstanceUID, dataset.SeriesInstanceUID,
+                                     dataset.SOPInstanceUID)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        placed.append(target)
+    return placed
+
+
+def rows(engine, sql: str) -> list[tuple]:
+    with db.reading(engine) as connection:
+        return [tuple(row) for row in connection.exec_driver_sql(sql)]
+
+
+def test_lost_rows_are_rebuilt_from_the_files(tmp_path, node):
+    config, engine = node
+    info, paths = small_study(tmp_path / "study", slices=6)
+    placed = stored_as_received(config, paths)
+    cut_short = placed[0].parent / f".{placed[0].name}.123.456.tmp"
+    cut_short.write_bytes(b"half a write")
+
+    assert reindex_after_boot(config, engine, "boot-1") == 6
+
+    indexed = {uid: (path, digest, syntax) for uid, path, digest, syntax in
+               rows(engine, "SELECT sop_instance_uid, path, sha256, transfer_syntax_uid FROM instances")}
+    for path in placed:
+        dataset = pydicom.dcmread(path)
+        assert indexed[dataset.SOPInstanceUID] == (
+            str(path), hashlib.sha256(path.read_bytes()).hexdigest(), dataset.file_meta.TransferSyntaxUID)
+    assert rows(engine, "SELECT study_uid, state, patient_id FROM studies") == [
+        (info.study_uid, "receiving", info.patient_id)]
+    assert rows(engine, "SELECT modality FROM series") == [("CT",)]
+    assert not cut_short.exists()  # its C-STORE was never answered
+    assert (config.node.data_dir / CHECKED_MARKER).read_text() == "boot-1"
+
+
+def test_each_boot_is_checked_once(tmp_path, node):
+    config, engine = node
+    _, paths = small_study(tmp_path / "study", slices=4)
+    _, *others = stored_as_received(config, paths)
+    for path in others:
+        path.rename(path.with_suffix(".later"))
+    assert reindex_after_boot(config, engine, "boot-1") == 1
+    for path in others:
+        path.with_suffix(".later").rename(path)
+
+    assert reindex_after_boot(config, engine, "boot-1") is None  # the node restarted, the machine did not
+    assert len(rows(engine, "SELECT 1 FROM instances")) == 1
+    assert reindex_after_boot(config, engine, "boot-2") == 3
+    assert reindex_after_boot(config, engine, None) == 0  # a system that names no boot: every start checks
+
+
+def test_a_file_that_cannot_be_indexed_is_reported_and_kept(tmp_path, node, caplog):
+    config, engine = node
+    _, paths = small_study(tmp_path / "study", slices=3)
+    placed = stored_as_received(config, paths)
+    broken = placed[0].parent / "1.2.3.4.dcm"
+    broken.write_bytes(b"\0" * 200)
+    misnamed = placed[0].parent / "1.2.3.5.dcm"
+    shutil.copyfile(placed[1], misnamed)
+
+    with caplog.at_level(logging.ERROR):
+        assert reindex_after_boot(config, engine, "boot-1") == 3
+    assert broken.exists() and misnamed.exists()
+    reported = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert any(str(broken) in message for message in reported)
+    assert any(str(misnamed) in message and "not its name" in message for message in reported)
+
+
+def test_the_receiver_commits_without_waiting_for_the_disk(node):
+    config, engine = node
+    receiver = Receiver(config, engine)
+    try:
+        with receiver._connection.transaction() as cursor:
+            assert cursor.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    finally:
+        receiver.stop()
