@@ -2,8 +2,9 @@
 
 An instance is answered Success only once its file is on disk (atomically, durably) and its
 row is committed: a Success the PACS sees is a promise that the instance will be processed,
-even if the node is killed the next moment. The commit does not wait for the disk; after a
-power cut, start-up indexes the files whose rows were lost (`reindex`). Bytes are stored exactly as received, in the
+even if the node is killed the next moment. Only the file's content is flushed before the
+answer (`store.IncomingFiles`); a rename or index rows that a power cut took are done again at
+the next start (`reindex`). Bytes are stored exactly as received, in the
 transfer syntax the peer chose, so nothing is lost to a re-encoding.
 
 The association policy and the protocol are the `acceptor`'s; this module gives it the
@@ -90,6 +91,7 @@ class Receiver:
         # Index commits need not wait for the disk: the file is already there, and the rows a
         # power cut takes are rebuilt from it at the next start (`reindex`).
         self._connection = DriverConnection(engine, durable_commits=False)
+        self._files = store.IncomingFiles(store.incoming_folder(config.node.data_dir))
         self._instances = InstanceIndex(self._connection, config.node.late_arrivals)
         self._index = GroupCommit(self._connection.transaction, self._record)
 
@@ -147,7 +149,7 @@ class Receiver:
         path = store.instance_path(
             self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
-        store.write_durably(path, content)
+        self._files.write(path, content)
         instance = instance_row(header, path, content, request.transfer_syntax, request.calling_ae_title, db.now())
         if not self._index((header, instance)):
             return  # the same instance again, unchanged: nothing was recorded
@@ -186,6 +188,7 @@ class Receiver:
         if self.acceptor is not None:
             self.acceptor.stop(SHUTDOWN_GRACE_SECONDS)
         self._connection.close()
+        self._files.close()
 
 
 def _context(abstract_syntax: str) -> PresentationContext:

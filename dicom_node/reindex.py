@@ -1,13 +1,18 @@
-"""Received files the index lost in a power cut, indexed again before the node receives.
+"""Received instances whose rename or index rows a power cut took, put back before the node
+receives.
 
-The receiver answers a C-STORE once the instance's file is durably on disk (`store`), but it
-commits the instance's index rows without waiting for the disk to have them: that saves a
-flush per instance, a third of what storing a small image costs. A killed process loses none
-of those commits (they are in the operating system's cache), but a crash of the operating
-system or a power cut can lose the last ones. Files are the truth for what was received, so
-after every boot of the machine, before the receivers start, the files under
-``data_dir/studies`` are compared with the index and each file it does not know is indexed
-from its own header, as if it had just arrived.
+The receiver answers a C-STORE once the instance's content is durably on disk, but flushes
+neither the rename into its folder (`store.IncomingFiles`) nor its index rows: each flush
+saved is a third of what storing a small image costs. A killed process loses none of that work
+(it is in the operating system's cache); a crash of the operating system or a power cut can
+lose the last of it. Files are the truth for what was received, so before the receivers start:
+
+- every start, files left in the incoming folder are renamed into place and indexed (after a
+  crash of the node alone, they are writes whose C-STORE was never answered; whole ones are
+  kept all the same, unreadable ones removed);
+- after every boot of the machine, the files under ``data_dir/studies`` are compared with the
+  index, and each file it does not know is indexed from its own header, as if it had just
+  arrived.
 """
 
 from __future__ import annotations
@@ -20,15 +25,18 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom import Dataset
 from sqlalchemy import Engine, text
 
 from . import db, store
 from .config import Config
 from .driver_sql import DriverConnection
-from .index import InstanceIndex, described, header_of, instance_row
+from .index import InstanceHeader, InstanceIndex, described, header_of, instance_row
 
 log = logging.getLogger(__name__)
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 CHECKED_MARKER = "index-checked-at-boot"  # in data_dir: the boot after which the index was last checked
 
@@ -60,31 +68,67 @@ def reindex_after_boot(config: Config, engine: Engine, boot: str | None) -> int 
     return indexed
 
 
+def recover_incoming(config: Config, engine: Engine) -> int:
+    """Rename into place, durably, and index the instances left in the incoming folder; remove
+    the files made ahead and never written, and writes cut short. Returns how many were kept."""
+    folder = store.incoming_folder(config.node.data_dir)
+    if not folder.is_dir():
+        return 0
+    placed = []
+    for slot in sorted(folder.iterdir()):
+        if slot.stat().st_size == 0:
+            slot.unlink()
+            continue
+        read = _read(slot, whole=True)
+        if read is None:
+            # Flushed content is whole, so this write was cut short before its flush, and
+            # before its C-STORE was answered: the sender was told nothing was stored.
+            log.warning("removed %s: an unanswered write that a crash cut short", slot)
+            slot.unlink()
+            continue
+        content, dataset, header = read
+        path = store.instance_path(config.node.data_dir, header.study_uid, header.series_uid,
+                                   header.sop_instance_uid)
+        store.make_dirs_durably(path.parent)
+        os.replace(slot, path)
+        store.fsync_dir(path.parent)
+        placed.append(_rows(path, content, dataset, header))
+    if placed:
+        _record(config, engine, placed)
+        log.warning("%d received instances were still in %s: renamed into place and indexed", len(placed), folder)
+    return len(placed)
+
+
 def reindex_lost_files(config: Config, engine: Engine) -> tuple[int, int]:
-    """Index every stored instance file missing from the index; remove temporary files a crash
-    left (their C-STOREs were never answered). Returns (files found, files indexed)."""
+    """Index every stored instance file missing from the index. Returns (files found, files
+    indexed)."""
     with db.reading(engine) as connection:
         known = {uid for (uid,) in connection.execute(text("SELECT sop_instance_uid FROM instances"))}
-    connection = DriverConnection(engine)
-    instances = InstanceIndex(connection, config.node.late_arrivals)
     found = indexed = 0
+    for series_folder, names in _series_folders(config.node.data_dir / "studies"):
+        stored = [name for name in names if name.endswith(".dcm")]
+        found += len(stored)
+        lost = [series_folder / name for name in stored if name.removesuffix(".dcm") not in known]
+        rows = []
+        for path in lost:
+            read = _read(path, whole=False)
+            if read is not None:
+                rows.append(_rows(path, *read))
+        indexed += _record(config, engine, rows)
+    return found, indexed
+
+
+def _record(config: Config, engine: Engine, rows: list[tuple[InstanceHeader, dict]]) -> int:
+    """Index ``rows`` in one durable transaction; how many were new."""
+    if not rows:
+        return 0
+    connection = DriverConnection(engine)
     try:
-        for series_folder, names in _series_folders(config.node.data_dir / "studies"):
-            lost = []
-            for name in names:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    (series_folder / name).unlink(missing_ok=True)
-                elif name.endswith(".dcm"):
-                    found += 1
-                    if name.removesuffix(".dcm") not in known:
-                        lost.append(series_folder / name)
-            rows = [row for row in map(_rows_of_file, lost) if row is not None]
-            if rows:
-                with connection.transaction() as cursor:
-                    indexed += sum(instances.record(cursor, header, instance) for header, instance in rows)
+        instances = InstanceIndex(connection, config.node.late_arrivals)
+        with connection.transaction() as cursor:
+            return sum(instances.record(cursor, header, instance) for header, instance in rows)
     finally:
         connection.close()
-    return found, indexed
 
 
 def _series_folders(studies: Path) -> Iterator[tuple[Path, list[str]]]:
@@ -98,19 +142,38 @@ def _series_folders(studies: Path) -> Iterator[tuple[Path, list[str]]]:
                     yield Path(series.path), os.listdir(series.path)
 
 
-def _rows_of_file(path: Path):
-    """The header and instances row of a stored file, or None (logged) for one that cannot be
-    indexed; it stays where it is, for an operator to look at."""
+def _read(path: Path, whole: bool) -> tuple[bytes, Dataset, InstanceHeader] | None:
+    """A stored file's bytes, data set (its pixels too if ``whole``: a file cut short fails
+    there) and header; None (logged) for one that cannot be indexed."""
     try:
         content = path.read_bytes()
-        dataset = pydicom.dcmread(BytesIO(content), stop_before_pixels=True)
+        dataset = pydicom.dcmread(BytesIO(content), stop_before_pixels=not whole)
         header = header_of(dataset)
-        transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        if whole and _cut_short(content, dataset):
+            raise EOFError("the file ends inside its last element")
     except Exception as error:  # noqa: BLE001 - any unreadable file is reported, none stops the check
         log.error("stored file %s cannot be indexed: %s", path, error)
         return None
-    if header is None or path.name != f"{header.sop_instance_uid}.dcm":
+    if header is None or (path.suffix == ".dcm" and path.name != f"{header.sop_instance_uid}.dcm"):
         log.error("stored file %s cannot be indexed: its UIDs are missing, invalid or not its name", path)
         return None
-    received_at = path.stat().st_mtime
-    return described(header, dataset), instance_row(header, path, content, transfer_syntax, None, received_at)
+    return content, dataset, header
+
+
+def _cut_short(content: bytes, dataset: Dataset) -> bool:
+    """True for a file that ends before its last element does (pydicom reads what there is).
+    A file cut short can end only inside its last element, as read."""
+    if not dataset:
+        return False
+    last = dataset.get_item(max(dataset.keys()))
+    length = getattr(last, "length", None)
+    if length == UNDEFINED_LENGTH:
+        return not content.endswith(SEQUENCE_DELIMITER)
+    return length is not None and isinstance(last.value, bytes) and len(last.value) < length
+
+
+def _rows(path: Path, content: bytes, dataset: Dataset, header: InstanceHeader) -> tuple[InstanceHeader, dict]:
+    """The header, with study and series values, and the instances row of a stored file."""
+    transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
+    row = instance_row(header, path, content, transfer_syntax, None, path.stat().st_mtime)
+    return described(header, dataset), row

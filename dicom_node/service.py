@@ -29,7 +29,7 @@ from .completion import ReadAhead, complete_quiet_studies
 from .config import Config, load_config
 from .dispatch import deliver_due
 from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
-from .reindex import current_boot, reindex_after_boot
+from .reindex import current_boot, recover_incoming, reindex_after_boot
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ def serve(config_path: Path) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
         return 1
-    # Before any receiver runs: after a power cut, files whose index rows were lost are indexed.
+    # Before any receiver runs: instances whose rename or index rows a crash took are put back.
+    recover_incoming(config, engine)
     reindex_after_boot(config, engine, current_boot())
     count = receiver_count(config)
     share = -(-config.node.max_associations // count)  # an equal share each, rounded up

@@ -1,14 +1,18 @@
 """Instance files on disk: written once, atomically and durably, never modified.
 
-A file is the truth for pixels. It is written to a temporary name in its final folder, flushed
-to the disk, renamed into place and the folder flushed too, so that after a power cut a file is
-either whole under its final name or absent; never partial.
+A file is the truth for pixels. It is written to a temporary name, flushed to the disk and
+renamed into place, so that after a power cut a file is whole, under its final name or its
+temporary one, or absent; never partial. `write_durably` also flushes the folder, so the file
+is under its final name. A received instance takes one flush instead of three
+(`IncomingFiles`): its temporary name is made durable in advance, and a rename the power cut
+took is done again at the next start (`reindex`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9.]{1,64}$")
@@ -39,7 +43,7 @@ def result_path(data_dir: Path, study_uid: str, series_uid: str, sop_instance_ui
     return _uid_path(data_dir / "results", study_uid, series_uid, sop_instance_uid)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -47,7 +51,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _make_dirs_durably(folder: Path) -> None:
+def make_dirs_durably(folder: Path) -> None:
     """Create missing folders, each one's entry flushed in its parent, top down."""
     missing = []
     while not folder.is_dir():
@@ -55,13 +59,13 @@ def _make_dirs_durably(folder: Path) -> None:
         folder = folder.parent
     for created in reversed(missing):
         created.mkdir(exist_ok=True)
-        _fsync_dir(created.parent)
+        fsync_dir(created.parent)
 
 
 def write_durably(path: Path, content: bytes) -> None:
     """Write ``content`` at ``path`` so that it survives a crash once this returns."""
     folder = path.parent
-    _make_dirs_durably(folder)
+    make_dirs_durably(folder)
     temporary = folder / f".{path.name}.{os.getpid()}.{id(content)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -76,4 +80,79 @@ def write_durably(path: Path, content: bytes) -> None:
         raise
     os.close(fd)
     os.replace(temporary, path)
-    _fsync_dir(folder)
+    fsync_dir(folder)
+
+
+def incoming_folder(data_dir: Path) -> Path:
+    """Where received instances are written before they are renamed into place."""
+    return data_dir / "incoming"
+
+
+SLOT_SUFFIX = ".slot"
+
+
+class IncomingFiles:
+    """Received instances written durably with one flush each, for the receiver's hot path.
+
+    `write_durably` flushes three times: the file, its folder after the rename, and (in the
+    receiver) the index commit. Here files of this process are created empty in the incoming
+    folder ahead of need, a batch at a time with one flush of the folder, so their names are
+    durable before any content. An instance is written into one, flushed (data and size: the
+    one flush) and renamed into place without flushing the folder. After a power cut, the
+    instance is whole either where it belongs or still in the incoming folder, where start-up
+    finds it (`reindex.recover_incoming`).
+    """
+
+    def __init__(self, folder: Path, batch: int = 64) -> None:
+        self.folder = folder
+        self.batch = batch
+        self._free: list[Path] = []
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def write(self, path: Path, content: bytes) -> None:
+        """Write ``content`` at ``path`` so that it survives a crash once this returns (at
+        ``path``, or in the incoming folder until the next start)."""
+        make_dirs_durably(path.parent)
+        slot = self._take()
+        try:
+            fd = os.open(slot, os.O_WRONLY)
+            try:
+                view = memoryview(content)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(slot, path)
+        except BaseException:
+            slot.unlink(missing_ok=True)  # half written: never offered again
+            raise
+
+    def _take(self) -> Path:
+        with self._lock:
+            if not self._free:
+                self._make_batch()
+            return self._free.pop()
+
+    def _make_batch(self) -> None:
+        make_dirs_durably(self.folder)
+        made: list[Path] = []
+        while len(made) < self.batch:
+            self._made += 1
+            slot = self.folder / f"{os.getpid()}-{self._made}{SLOT_SUFFIX}"
+            try:  # a name left by an earlier process with this pid is not ours to empty
+                os.close(os.open(slot, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                continue
+            made.append(slot)
+        fsync_dir(self.folder)
+        self._free = made[::-1]
+
+    def close(self) -> None:
+        """Remove the files made ahead and not used."""
+        with self._lock:
+            for slot in self._free:
+                slot.unlink(missing_ok=True)
+            self._free = []

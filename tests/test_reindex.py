@@ -1,5 +1,5 @@
-"""After a power cut, files whose index rows were lost are indexed again at start-up, from
-their own headers, once per boot of the machine."""
+"""After a crash, instances whose rename or index rows were lost are put back at start-up:
+files left in the incoming folder every start, and files the index lost once per boot."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from dicom_node import db, store
 from dicom_node.config import load_config
 from dicom_node.receive import Receiver
-from dicom_node.reindex import CHECKED_MARKER, reindex_after_boot
+from dicom_node.reindex import CHECKED_MARKER, recover_incoming, reindex_after_boot
 from tests.support.ct_study import small_study
 from tests.support.peers import write_node_config
 
@@ -47,8 +47,6 @@ def test_lost_rows_are_rebuilt_from_the_files(tmp_path, node):
     config, engine = node
     info, paths = small_study(tmp_path / "study", slices=6)
     placed = stored_as_received(config, paths)
-    cut_short = placed[0].parent / f".{placed[0].name}.123.456.tmp"
-    cut_short.write_bytes(b"half a write")
 
     assert reindex_after_boot(config, engine, "boot-1") == 6
 
@@ -61,7 +59,6 @@ def test_lost_rows_are_rebuilt_from_the_files(tmp_path, node):
     assert rows(engine, "SELECT study_uid, state, patient_id FROM studies") == [
         (info.study_uid, "receiving", info.patient_id)]
     assert rows(engine, "SELECT modality FROM series") == [("CT",)]
-    assert not cut_short.exists()  # its C-STORE was never answered
     assert (config.node.data_dir / CHECKED_MARKER).read_text() == "boot-1"
 
 
@@ -106,3 +103,27 @@ def test_the_receiver_commits_without_waiting_for_the_disk(node):
             assert cursor.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     finally:
         receiver.stop()
+
+
+def test_instances_left_in_the_incoming_folder_are_renamed_into_place_and_indexed(tmp_path, node, caplog):
+    config, engine = node
+    info, paths = small_study(tmp_path / "study", slices=3)
+    incoming = store.incoming_folder(config.node.data_dir)
+    incoming.mkdir(parents=True)
+    whole = incoming / "100-1.slot"  # flushed, its rename lost: the instance was acknowledged
+    shutil.copyfile(paths[0], whole)
+    (incoming / "100-2.slot").touch()  # made ahead, never written
+    cut_short = incoming / "100-3.slot"  # the node died while writing it: never acknowledged
+    cut_short.write_bytes(paths[1].read_bytes()[:-10])
+
+    with caplog.at_level(logging.WARNING):
+        assert recover_incoming(config, engine) == 1
+    assert list(incoming.iterdir()) == []
+    dataset = pydicom.dcmread(paths[0])
+    [(path, digest)] = rows(engine, "SELECT path, sha256 FROM instances")
+    assert path == str(store.instance_path(config.node.data_dir, info.study_uid, dataset.SeriesInstanceUID,
+                                           dataset.SOPInstanceUID))
+    assert Path(path).read_bytes() == paths[0].read_bytes()
+    assert digest == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    assert any(str(cut_short) in record.getMessage() for record in caplog.records)
+    assert recover_incoming(config, engine) == 0
