@@ -81,6 +81,10 @@ class _Association:
     address: str
     port: int
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    reader: ul.PduReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = ul.PduReader(self.connection)
 
     @property
     def peer(self) -> str:
@@ -211,7 +215,7 @@ class Acceptor:
 
     def _negotiate(self, association: _Association) -> _Negotiated | None:
         """Read the A-ASSOCIATE-RQ and answer it: AC with the negotiated contexts, or RJ."""
-        kind, body = ul.read_pdu(association.connection)
+        kind, body = association.reader.read_pdu()
         if kind != ul.A_ASSOCIATE_RQ:
             raise ul.ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}", ul.UNEXPECTED_PDU)
         try:
@@ -284,7 +288,7 @@ class Acceptor:
         command: dict[int, bytes] | None = None
         context_id = 0
         while True:
-            kind, body = ul.read_pdu(association.connection)
+            kind, body = association.reader.read_pdu()
             if kind == ul.A_RELEASE_RQ:
                 self._forget(association)  # before the answer: the peer may reconnect at once
                 association.send(ul.RELEASE_RP)

@@ -139,9 +139,10 @@ class IncomingFiles:
     def _make_batch(self) -> None:
         make_dirs_durably(self.folder)
         made: list[Path] = []
+        process = os.getpid()
         while len(made) < self.batch:
             self._made += 1
-            slot = self.folder / f"{os.getpid()}-{self._made}{SLOT_SUFFIX}"
+            slot = self.folder / f"{process}-{self._made}{SLOT_SUFFIX}"
             try:  # a name left by an earlier process with this pid is not ours to empty
                 os.close(os.open(slot, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             except FileExistsError:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import socket
 import struct
+import threading
 from io import BytesIO
 
 import pytest
@@ -81,3 +84,42 @@ def test_responses_fit_the_peers_maximum_pdu(max_pdu):
         assert value.context_id == 5 and value.is_command and value.is_last == (number == len(pdus) - 1)
         rebuilt += bytes(value.data)
     assert rebuilt == command
+
+
+@pytest.mark.parametrize("buffer_size", [16, 64 * 1024])
+def test_pdus_read_through_the_buffer_are_those_sent_however_the_bytes_arrive(buffer_size):
+    bodies = [b"", b"a", bytes(range(15)), bytes(range(16)), bytes(range(17)), bytes(1000), b"x" * 200_000]
+    stream = b"".join(ul.pdu(ul.P_DATA_TF, body) for body in bodies)
+    sender, receiver = socket.socketpair()
+    pieces = random.Random(7).choices([1, 5, 6, 7, 100, 4096, 70_000], k=len(stream))
+
+    def send_in_pieces() -> None:
+        offset = 0
+        for piece in pieces:
+            sender.sendall(stream[offset:offset + piece])
+            offset += piece
+            if offset >= len(stream):
+                break
+        sender.close()
+
+    thread = threading.Thread(target=send_in_pieces)
+    thread.start()
+    reader = ul.PduReader(receiver, buffer_size)
+    try:
+        assert [reader.read_pdu() for _ in bodies] == [(ul.P_DATA_TF, bytearray(body)) for body in bodies]
+        with pytest.raises(ul.ConnectionClosed):
+            reader.read_pdu()
+    finally:
+        thread.join()
+        receiver.close()
+
+
+def test_a_pdu_cut_short_by_the_peer_closing_is_not_returned():
+    sender, receiver = socket.socketpair()
+    sender.sendall(ul.pdu(ul.P_DATA_TF, b"whole") + ul.pdu(ul.P_DATA_TF, b"cut short")[:-3])
+    sender.close()
+    reader = ul.PduReader(receiver)
+    assert reader.read_pdu() == (ul.P_DATA_TF, bytearray(b"whole"))
+    with pytest.raises(ul.ConnectionClosed):
+        reader.read_pdu()
+    receiver.close()
