@@ -35,6 +35,7 @@ def received(tmp_path, images, quiet_for: float):
         request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID,
                                ExplicitVRLittleEndian, dataset_bytes(ds))
         assert receiver.handle_store(request) == 0
+    receiver.stop()
     with engine.begin() as connection:
         connection.execute(update(db.studies).values(last_received_at=db.now() - quiet_for))
     with db.reading(engine) as connection:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from dicom_node.store import IncomingFiles, instance_path, write_durably
@@ -20,17 +22,22 @@ def test_a_uid_that_is_not_a_uid_is_refused(tmp_path, uid):
         instance_path(tmp_path, uid, "1.2", "1.2.3")
 
 
+def made_ahead(folder) -> list[int]:
+    """Sizes of the files in the incoming folder."""
+    return [path.stat().st_size for path in folder.iterdir()]
+
+
 def test_received_files_are_written_through_files_made_ahead(tmp_path):
     incoming = IncomingFiles(tmp_path / "incoming", batch=4)
-    paths = [instance_path(tmp_path, "1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(6)]
+    paths = [instance_path(tmp_path, "1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in range(10)]
     for number, path in enumerate(paths):
         incoming.write(path, b"DICM" * number)
-    assert [path.read_bytes() for path in paths] == [b"DICM" * number for number in range(6)]
-    assert len(list((tmp_path / "incoming").iterdir())) == 2  # two batches of four, six used
+    assert [path.read_bytes() for path in paths] == [b"DICM" * number for number in range(10)]
     incoming.write(paths[0], b"again")  # an instance sent again replaces its file
     assert paths[0].read_bytes() == b"again"
+    assert set(made_ahead(tmp_path / "incoming")) <= {0}
     incoming.close()
-    assert list((tmp_path / "incoming").iterdir()) == []
+    assert made_ahead(tmp_path / "incoming") == []
 
 
 def test_a_failed_write_leaves_no_file_behind(tmp_path):
@@ -39,5 +46,19 @@ def test_a_failed_write_leaves_no_file_behind(tmp_path):
     blocked.mkdir(parents=True)  # a folder where the file should go: the rename fails
     with pytest.raises(OSError):
         incoming.write(blocked, b"DICM")
-    assert len(list((tmp_path / "incoming").iterdir())) == 1  # the other one made ahead, still empty
+    assert set(made_ahead(tmp_path / "incoming")) <= {0} and blocked.is_dir()
+    incoming.close()
+
+
+def test_writes_fail_while_no_file_can_be_made_and_work_again_after(tmp_path):
+    folder = tmp_path / "incoming"
+    incoming = IncomingFiles(folder, batch=2)
+    path = instance_path(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    shutil.rmtree(folder)  # the files made ahead are gone, and no new one can be made
+    for _ in range(4):
+        with pytest.raises(OSError):
+            incoming.write(path, b"DICM")
+    folder.mkdir()
+    incoming.write(path, b"DICM")
+    assert path.read_bytes() == b"DICM"
     incoming.close()
