@@ -15,6 +15,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import Engine, select, update
@@ -26,7 +27,7 @@ from .rules import StackFacts, select_series, series_stacks, why_block_fails
 log = logging.getLogger(__name__)
 
 # A study quiet for this fraction of stable_after has its series read ahead of completion.
-READ_AHEAD_FRACTION = 0.5
+READ_AHEAD_FRACTION = 0.25
 
 SeriesReader = Callable[[str, list[Path]], list[StackFacts]]
 
@@ -113,15 +114,24 @@ def quieting_studies(engine: Engine, config: Config) -> list[tuple[str, float]]:
         )]
 
 
-def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead) -> int:
-    """Mark every quiet study complete and queue its jobs; returns how many were completed.
-    Studies quiet for part of the period have their series read ahead (see the module's note)."""
+@dataclass(frozen=True)
+class CompletionRound:
+    completed: int  # studies marked complete, their jobs queued
+    next_due: float | None  # when the next study read ahead will have been quiet long enough
+
+
+def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead) -> CompletionRound:
+    """Mark every quiet study complete and queue its jobs. Studies quiet for part of the period
+    have their series read ahead (see the module's note); the earliest of them to come due is
+    returned, so that the caller can look again right then rather than up to a tick later."""
     cutoff = db.now() - config.node.stable_after
-    completed, still_quieting = 0, set()
+    completed, still_quieting, next_due = 0, set(), None
     for study_uid, last_received_at in quieting_studies(engine, config):
         candidates = study_stacks(engine, study_uid, read_ahead.series_stacks)
         if last_received_at > cutoff:  # read ahead only: not quiet long enough yet
             still_quieting.update(stack.series_uid for stack in candidates)
+            due = last_received_at + config.node.stable_after
+            next_due = due if next_due is None else min(next_due, due)
             continue
         chosen = {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
         with engine.begin() as connection:
@@ -147,4 +157,4 @@ def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead
             log.info("study %s %s", study_uid, message)
         completed += 1
     read_ahead.retain(still_quieting)
-    return completed
+    return CompletionRound(completed, next_due)

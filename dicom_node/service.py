@@ -20,14 +20,16 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import update
 
 from . import db, jobs
 from .completion import ReadAhead, complete_quiet_studies
-from .config import Config, load_config
+from .config import Config, Destination, load_config
 from .dispatch import deliver_due
+from .doorbell import Bell, Ringer, doorbell
 from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
 from .reindex import current_boot, recover_incoming, reindex_after_boot
 
@@ -67,9 +69,10 @@ def receiver_count(config: Config) -> int:
     return config.node.receivers or min(os.cpu_count() or 1, 4)
 
 
-def worker_process(config_path: Path, parent: int) -> None:
+def worker_process(config_path: Path, parent: int, jobs_queued: Bell, results_recorded: list[Ringer]) -> None:
     """Entry point of a worker process (spawned, so it imports torch on its own). It runs until
-    SIGTERM, which releases the job in progress for the next start."""
+    SIGTERM, which releases the job in progress for the next start. Completion rings
+    ``jobs_queued``; it rings each of ``results_recorded`` (one per destination's dispatcher)."""
     from .cli import setup_logging
     from .worker import Worker  # torch and MONAI load here, never in the receiving process
 
@@ -77,7 +80,7 @@ def worker_process(config_path: Path, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     config = load_config(config_path)
-    Worker(config, db.connect(config.database_url)).run_forever(threading.Event())
+    Worker(config, db.connect(config.database_url), jobs_queued, results_recorded).run_forever(threading.Event())
 
 
 def _die_with_parent(parent: int) -> None:
@@ -95,14 +98,21 @@ def _die_with_parent(parent: int) -> None:
         raise SystemExit(0)
 
 
-def _periodic(name: str, action, stop: threading.Event) -> None:
-    """Run ``action`` every tick; a failure is logged and retried, never fatal."""
+def _periodic(name: str, action: Callable[[], float | None], stop: threading.Event,
+              pause: Callable[[float], object] | None = None) -> None:
+    """Run ``action`` every tick, or sooner when it returns the seconds until it has more to
+    do, or when ``pause`` (a doorbell's wait) ends early; a failure is logged and retried,
+    never fatal."""
+    pause = pause or stop.wait
     while not stop.is_set():
+        seconds = TICK_SECONDS
         try:
-            action()
+            sooner = action()
+            if sooner is not None:
+                seconds = min(seconds, max(0.0, sooner))
         except Exception:
             log.exception("%s failed; retrying", name)
-        stop.wait(TICK_SECONDS)
+        pause(seconds)
 
 
 def resume_after_restart(config: Config, engine) -> None:
@@ -190,28 +200,45 @@ def serve(config_path: Path) -> int:
     # moment the node can receive again, not from before its receivers were up.
     resume_after_restart(config, engine)
     read_ahead = ReadAhead()
-    loops = [
+    worker_bells: list[Ringer] = []  # one per worker: completion rings them all
+    dispatch_bells = [doorbell(context) for _ in config.destinations]
+
+    def complete() -> float | None:
+        round_ = complete_quiet_studies(config, engine, read_ahead)
+        if round_.completed:
+            for ringer in worker_bells:
+                ringer.ring()
+        return None if round_.next_due is None else round_.next_due - db.now()
+
+    def deliver(destination: Destination) -> None:
+        deliver_due(config, engine, destination)
+
+    loops = [threading.Thread(target=_periodic, args=("completion", complete, stop), daemon=True)] + [
         threading.Thread(
             target=_periodic,
-            args=("completion", lambda: complete_quiet_studies(config, engine, read_ahead), stop),
-            daemon=True,
-        ),
-    ] + [
-        threading.Thread(
-            target=_periodic,
-            args=(f"dispatch to {d.name}", lambda d=d: deliver_due(config, engine, d), stop),
+            args=(f"dispatch to {d.name}", lambda d=d: deliver(d), stop, bell.wait),
             daemon=True,
         )
-        for d in config.destinations
+        for d, (bell, _) in zip(config.destinations, dispatch_bells)
     ]
     for loop in loops:
         loop.start()
-    def start_worker() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=worker_process, args=(config_path, os.getpid()), daemon=True)
+
+    def start_worker(index: int) -> multiprocessing.process.BaseProcess:
+        jobs_queued, ringer = doorbell(context)
+        process = context.Process(
+            target=worker_process,
+            args=(config_path, os.getpid(), jobs_queued, [ringer for _, ringer in dispatch_bells]),
+            daemon=True,
+        )
         process.start()
+        if index < len(worker_bells):
+            worker_bells[index] = ringer
+        else:
+            worker_bells.append(ringer)
         return process
 
-    workers = [start_worker() for _ in range(config.node.workers)]
+    workers = [start_worker(index) for index in range(config.node.workers)]
     log.info("dicom-node serving with %d worker(s)", len(workers))
     while not stop.wait(1.0):
         for index, process in enumerate(receivers):
@@ -221,7 +248,7 @@ def serve(config_path: Path) -> int:
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = start_worker()
+                workers[index] = start_worker(index)
     for process in receivers:
         process.terminate()  # SIGTERM: stop accepting; C-STOREs in flight finish first
     for process in receivers:

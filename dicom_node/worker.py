@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
@@ -25,6 +26,7 @@ from sqlalchemy import Engine, select
 
 from . import db, jobs, store
 from .config import Config, Pipeline
+from .doorbell import Bell, Ringer
 from .inference import Bundle, BundleError, choose_device
 from .job_memory import give_back_freed_memory, reuse_freed_memory
 from .prefetch import VolumePrefetch
@@ -89,9 +91,17 @@ class JobTimeout(Exception):
 
 
 class Worker:
-    def __init__(self, config: Config, engine: Engine, name: str | None = None) -> None:
+    """Claims jobs and runs them. Within `serve`, ``jobs_queued`` ends its idle wait as soon as
+    completion queues a job, and it rings each of ``results_recorded`` once a job's results are
+    recorded (`doorbell`); without them (`dicom-node worker` on another host) it looks for jobs
+    every IDLE_POLL_SECONDS."""
+
+    def __init__(self, config: Config, engine: Engine, jobs_queued: Bell | None = None,
+                 results_recorded: Sequence[Ringer] = (), name: str | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.jobs_queued = jobs_queued
+        self.results_recorded = results_recorded
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
         self.equipment = Equipment(config.node.ae_title)
@@ -148,6 +158,8 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending SIGTERM lands here
             signal.setitimer(signal.ITIMER_REAL, pipeline.timeout_seconds)
             self._run(job, pipeline)
+            for ringer in self.results_recorded:
+                ringer.ring()
         except ShutdownRequested:
             jobs.release(self.engine, job["id"], self.name)
             raise
@@ -301,7 +313,7 @@ class Worker:
             while not stop.is_set():
                 if not self.run_once():
                     self._build_ahead()
-                    stop.wait(IDLE_POLL_SECONDS)
+                    (self.jobs_queued.wait if self.jobs_queued else stop.wait)(IDLE_POLL_SECONDS)
         except ShutdownRequested:
             log.info("worker %s stopping at SIGTERM", self.name)
 
