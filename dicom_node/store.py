@@ -65,23 +65,29 @@ def make_dirs_durably(folder: Path) -> None:
         fsync_dir(created.parent)
 
 
-def write_durably(path: Path, content: bytes) -> None:
-    """Write ``content`` at ``path`` so that it survives a crash once this returns."""
-    folder = path.parent
-    make_dirs_durably(folder)
-    temporary = folder / f".{path.name}.{os.getpid()}.{id(content)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _write_flushed(fd: int, content: bytes) -> None:
+    """Write all of ``content`` to ``fd``, flush its data and size to the disk, and close it.
+    (Only the data and what reading it back needs: the file's times may lag after a crash.)"""
     try:
         view = memoryview(content)
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
-    except BaseException:
+        os.fdatasync(fd)
+    finally:
         os.close(fd)
+
+
+def write_durably(path: Path, content: bytes) -> None:
+    """Write ``content`` at ``path`` so that it survives a crash once this returns."""
+    folder = path.parent
+    make_dirs_durably(folder)
+    temporary = folder / f".{path.name}.{os.getpid()}.{id(content)}.tmp"
+    try:
+        _write_flushed(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), content)
+    except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    os.close(fd)
     os.replace(temporary, path)
     fsync_dir(folder)
 
@@ -130,15 +136,7 @@ class IncomingFiles:
         make_dirs_durably(path.parent)
         slot = self._take()
         try:
-            fd = os.open(slot, os.O_WRONLY)
-            try:
-                view = memoryview(content)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            _write_flushed(os.open(slot, os.O_WRONLY), content)
             os.replace(slot, path)
         except BaseException:
             slot.unlink(missing_ok=True)  # half written: never offered again
