@@ -173,7 +173,7 @@ class Acceptor:
     def _serve(self, association: _Association) -> None:
         connection = association.connection
         try:
-            connection.settimeout(self.policy.acse_timeout)
+            ul.set_timeout(connection, self.policy.acse_timeout)
             try:
                 negotiated = self._negotiate(association)
             except TimeoutError:
@@ -182,13 +182,12 @@ class Acceptor:
                 return
             if negotiated is None:
                 return
-            connection.settimeout(self.policy.network_timeout)
+            ul.set_timeout(connection, self.policy.network_timeout)
             self._exchange(association, negotiated)
         except ul.ConnectionClosed:
             pass
-        except TimeoutError:
-            log.warning("aborted the association with %s: nothing received for %.0f s",
-                        association.peer, connection.gettimeout() or 0)
+        except TimeoutError as error:
+            log.warning("aborted the association with %s: %s", association.peer, error)
             self._abort(association, ul.REASON_NOT_SPECIFIED)
         except ul.ProtocolError as error:
             log.warning("aborted the association with %s: %s", association.peer, error)

@@ -52,6 +52,20 @@ class ConnectionClosed(Exception):
     """The peer closed the connection."""
 
 
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
+
+
+def set_timeout(connection: socket.socket, seconds: float) -> None:
+    """Make a receive or send that waits ``seconds`` fail, as the kernel's own timeout on a
+    blocking socket. Python's timeout polls before every receive and every send: two system
+    calls an instance more, each of which lets another association's thread take the
+    interpreter. A receive that times out raises TimeoutError from `PduReader`."""
+    connection.settimeout(None)
+    value = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000))
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
 class PduReader:
     """Reads a connection's PDUs through a buffer. One receive often brings several PDUs (a
     small C-STORE's command and data set arrive together), and on a socket with a timeout each
@@ -96,10 +110,18 @@ class PduReader:
         return result
 
     def _receive(self, into: memoryview) -> int:
-        received = self.connection.recv_into(into)
+        try:
+            received = self.connection.recv_into(into)
+        except BlockingIOError as error:  # the kernel's timeout (`set_timeout`)
+            raise TimeoutError(f"nothing received for {self._timeout():.0f} s") from error
         if not received:
             raise ConnectionClosed()
         return received
+
+    def _timeout(self) -> float:
+        seconds, microseconds = _TIMEVAL.unpack(
+            self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size))
+        return seconds + microseconds / 1_000_000
 
 
 def pdu(kind: int, body: bytes) -> bytes:

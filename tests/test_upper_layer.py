@@ -123,3 +123,15 @@ def test_a_pdu_cut_short_by_the_peer_closing_is_not_returned():
     with pytest.raises(ul.ConnectionClosed):
         reader.read_pdu()
     receiver.close()
+
+
+def test_a_silent_peer_times_out_by_the_kernels_timeout():
+    sender, receiver = socket.socketpair()
+    ul.set_timeout(receiver, 0.3)
+    assert receiver.gettimeout() is None  # a blocking socket: no poll before each receive
+    reader = ul.PduReader(receiver)
+    sender.sendall(ul.pdu(ul.P_DATA_TF, b"one")[:4])  # a PDU begun, never finished
+    with pytest.raises(TimeoutError, match="nothing received for 0 s"):
+        reader.read_pdu()
+    sender.close()
+    receiver.close()
