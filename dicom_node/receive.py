@@ -13,6 +13,7 @@ node's settings and the C-STORE handler.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -200,8 +201,14 @@ def _context(abstract_syntax: str) -> PresentationContext:
 
 def _parse(request: StoreRequest) -> Dataset:
     """The data set as pydicom reads it: every element's bytes located, values decoded lazily."""
-    syntax = UID(request.transfer_syntax)
-    return decode(BytesIO(request.dataset), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    return decode(BytesIO(request.dataset), *_encoding(request.transfer_syntax))
+
+
+@functools.cache
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(implicit VR, little endian, deflated): once per syntax, as a UID validates its value."""
+    syntax = UID(transfer_syntax)
+    return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
 
 
 def _free_mb(folder) -> float:

@@ -10,6 +10,7 @@ took is done again at the next start (`reindex`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -98,6 +99,12 @@ def incoming_folder(data_dir: Path) -> Path:
 
 
 SLOT_SUFFIX = ".slot"
+MAX_REMEMBERED_FOLDERS = 10_000
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class IncomingFiles:
@@ -125,6 +132,7 @@ class IncomingFiles:
         self._wanted = False
         self._failure: OSError | None = None
         self._closed = False
+        self._folders: set[str] = set()  # series folders known to exist
         make_dirs_durably(folder)
         self._free = self._make_batch()
         self._maker = threading.Thread(target=self._make_ahead, name=f"files ahead in {folder}", daemon=True)
@@ -133,16 +141,22 @@ class IncomingFiles:
     def write(self, path: Path, content: bytes) -> None:
         """Write ``content`` at ``path`` so that it survives a crash once this returns (at
         ``path``, or in the incoming folder until the next start)."""
-        make_dirs_durably(path.parent)
+        folder = str(path.parent)
+        if folder not in self._folders:  # rows are never deleted, nor their folders
+            make_dirs_durably(path.parent)
+            if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
+                self._folders.clear()
+            self._folders.add(folder)
         slot = self._take()
         try:
             _write_flushed(os.open(slot, os.O_WRONLY), content)
             os.replace(slot, path)
         except BaseException:
-            slot.unlink(missing_ok=True)  # half written: never offered again
+            _remove(slot)  # half written: never offered again
+            self._folders.discard(folder)  # removed behind the node's back, perhaps: looked at again
             raise
 
-    def _take(self) -> Path:
+    def _take(self) -> str:
         """A file made ahead; the OSError that stopped the maker if none is left."""
         with self._changed:
             while not self._free:
@@ -154,7 +168,7 @@ class IncomingFiles:
                 self._ask_for_more()
                 self._changed.wait()
             slot = self._free.pop()
-            if len(self._free) < self.batch // 2:
+            if len(self._free) < self.batch // 2 and not self._wanted:
                 self._ask_for_more()
             return slot
 
@@ -182,13 +196,14 @@ class IncomingFiles:
                 self._failure = failure
                 self._changed.notify_all()
 
-    def _make_batch(self) -> list[Path]:
-        made: list[Path] = []
-        process = os.getpid()
+    def _make_batch(self) -> list[str]:
+        """Names as strings: building paths for every instance cost more than the rest here."""
+        made: list[str] = []
+        prefix = f"{self.folder}/{os.getpid()}-"
         try:
             while len(made) < self.batch:
                 self._made += 1
-                slot = self.folder / f"{process}-{self._made}{SLOT_SUFFIX}"
+                slot = f"{prefix}{self._made}{SLOT_SUFFIX}"
                 try:  # a name left by an earlier process with this pid is not ours to empty
                     os.close(os.open(slot, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 except FileExistsError:
@@ -197,7 +212,7 @@ class IncomingFiles:
             fsync_dir(self.folder)
         except OSError:
             for slot in made:
-                slot.unlink(missing_ok=True)
+                _remove(slot)
             raise
         return made
 
@@ -209,5 +224,5 @@ class IncomingFiles:
         self._maker.join()
         with self._changed:
             for slot in self._free:
-                slot.unlink(missing_ok=True)
+                _remove(slot)
             self._free = []

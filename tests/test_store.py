@@ -62,3 +62,15 @@ def test_writes_fail_while_no_file_can_be_made_and_work_again_after(tmp_path):
     incoming.write(path, b"DICM")
     assert path.read_bytes() == b"DICM"
     incoming.close()
+
+
+def test_a_series_folder_removed_behind_the_nodes_back_is_made_again(tmp_path):
+    incoming = IncomingFiles(tmp_path / "incoming", batch=4)
+    first, second = (instance_path(tmp_path, "1.2.3", "1.2.3.4", f"1.2.3.4.{n}") for n in (1, 2))
+    incoming.write(first, b"DICM")
+    shutil.rmtree(first.parent)
+    with pytest.raises(FileNotFoundError):  # answered Out of Resources; the sender tries again
+        incoming.write(second, b"DICM")
+    incoming.write(second, b"DICM")
+    assert second.read_bytes() == b"DICM"
+    incoming.close()
