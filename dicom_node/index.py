@@ -38,8 +38,8 @@ SOP_INSTANCE_UID, SOP_CLASS_UID = 0x00080018, 0x00080016
 def header_of(dataset: Dataset) -> InstanceHeader | None:
     """The UIDs the index needs, or None where one is missing or not a valid UID. The receiver
     reads them before anything is written: a dataset that fails to parse half-way is refused
-    whole, never half-stored. They are read from the elements'
-    bytes: pydicom's conversion of each value cost more than the rest of the parse."""
+    whole, never half-stored. They are read from the elements' bytes: pydicom's conversion of
+    each value cost more than the rest of the parse."""
     uids = [_uid(dataset, tag) for tag in (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID, SOP_CLASS_UID)]
     if not all(uids):
         return None

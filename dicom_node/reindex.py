@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -90,11 +91,11 @@ def recover_incoming(config: Config, engine: Engine) -> int:
         path = store.instance_path(config.node.data_dir, header.study_uid, header.series_uid,
                                    header.sop_instance_uid)
         store.make_dirs_durably(path.parent)
-        os.replace(slot, path)
-        store.fsync_dir(path.parent)
+        store.rename_durably(slot, path)
         placed.append(_rows(path, content, dataset, header))
     if placed:
-        _record(config, engine, placed)
+        with _index(config, engine) as record:
+            record(placed)
         log.warning("%d received instances were still in %s: renamed into place and indexed", len(placed), folder)
     return len(placed)
 
@@ -105,28 +106,31 @@ def reindex_lost_files(config: Config, engine: Engine) -> tuple[int, int]:
     with db.reading(engine) as connection:
         known = {uid for (uid,) in connection.execute(text("SELECT sop_instance_uid FROM instances"))}
     found = indexed = 0
-    for series_folder, names in _series_folders(config.node.data_dir / "studies"):
-        stored = [name for name in names if name.endswith(".dcm")]
-        found += len(stored)
-        lost = [series_folder / name for name in stored if name.removesuffix(".dcm") not in known]
-        rows = []
-        for path in lost:
-            read = _read(path, whole=False)
-            if read is not None:
-                rows.append(_rows(path, *read))
-        indexed += _record(config, engine, rows)
+    with _index(config, engine) as record:
+        for series_folder, names in _series_folders(config.node.data_dir / "studies"):
+            stored = [name for name in names if name.endswith(".dcm")]
+            found += len(stored)
+            lost = [series_folder / name for name in stored if name.removesuffix(".dcm") not in known]
+            reads = [(path, _read(path, whole=False)) for path in lost]
+            indexed += record([_rows(path, *read) for path, read in reads if read is not None])
     return found, indexed
 
 
-def _record(config: Config, engine: Engine, rows: list[tuple[InstanceHeader, dict]]) -> int:
-    """Index ``rows`` in one durable transaction; how many were new."""
-    if not rows:
-        return 0
+@contextmanager
+def _index(config: Config, engine: Engine) -> Iterator[Callable[[list[tuple[InstanceHeader, dict]]], int]]:
+    """A function that indexes rows in one durable transaction and says how many were new, on
+    one connection for the whole check."""
     connection = DriverConnection(engine)
-    try:
-        instances = InstanceIndex(connection, config.node.late_arrivals)
+    instances = InstanceIndex(connection, config.node.late_arrivals)
+
+    def record(rows: list[tuple[InstanceHeader, dict]]) -> int:
+        if not rows:
+            return 0
         with connection.transaction() as cursor:
             return sum(instances.record(cursor, header, instance) for header, instance in rows)
+
+    try:
+        yield record
     finally:
         connection.close()
 

@@ -200,13 +200,14 @@ def serve(config_path: Path) -> int:
     # moment the node can receive again, not from before its receivers were up.
     resume_after_restart(config, engine)
     read_ahead = ReadAhead()
-    worker_bells: list[Ringer] = []  # one per worker: completion rings them all
+    # One per worker (a restarted worker hears its predecessor's), and one per destination.
+    worker_bells = [doorbell(context) for _ in range(config.node.workers)]
     dispatch_bells = [doorbell(context) for _ in config.destinations]
 
     def complete() -> float | None:
         round_ = complete_quiet_studies(config, engine, read_ahead)
         if round_.completed:
-            for ringer in worker_bells:
+            for _, ringer in worker_bells:
                 ringer.ring()
         return None if round_.next_due is None else round_.next_due - db.now()
 
@@ -225,17 +226,13 @@ def serve(config_path: Path) -> int:
         loop.start()
 
     def start_worker(index: int) -> multiprocessing.process.BaseProcess:
-        jobs_queued, ringer = doorbell(context)
+        jobs_queued, _ = worker_bells[index]
         process = context.Process(
             target=worker_process,
             args=(config_path, os.getpid(), jobs_queued, [ringer for _, ringer in dispatch_bells]),
             daemon=True,
         )
         process.start()
-        if index < len(worker_bells):
-            worker_bells[index] = ringer
-        else:
-            worker_bells.append(ringer)
         return process
 
     workers = [start_worker(index) for index in range(config.node.workers)]

@@ -89,8 +89,14 @@ def write_durably(path: Path, content: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    os.replace(temporary, path)
-    fsync_dir(folder)
+    rename_durably(temporary, path)
+
+
+def rename_durably(source: Path | str, path: Path) -> None:
+    """Rename a flushed file to ``path``, in an existing folder, and flush the folder: once this
+    returns the file is under its new name even after a power cut."""
+    os.replace(source, path)
+    fsync_dir(path.parent)
 
 
 def incoming_folder(data_dir: Path) -> Path:
