@@ -124,17 +124,21 @@ class IncomingFiles:
     either where it belongs or still in the incoming folder, where start-up finds it
     (`reindex.recover_incoming`).
 
-    Files are made by a thread of their own once half a batch is left, so that a C-STORE
-    waits for them only when instances arrive faster than files can be made (measured, with
-    the store's threads making them in turn: up to a tenth of their time waiting on the one
-    making a batch).
+    Files are made by a thread of their own, a batch at a time, whenever fewer than a batch
+    are left, so that a C-STORE waits for them only when instances arrive faster than files
+    can be made. Refilling at half a batch was not enough: with four associations the folder's
+    flush, queued behind the instances' own, outlasted the half batch, and the receiving
+    threads took turns waiting, each ask waking all of them (a tenth of the receiver's time).
+    Now an ask wakes only the maker, and a made batch only the threads waiting for it.
     """
 
     def __init__(self, folder: Path, batch: int = 64) -> None:
         self.folder = folder
         self.batch = batch
         self._made = 0
-        self._changed = threading.Condition()
+        lock = threading.Lock()
+        self._files_made = threading.Condition(lock)  # what receiving threads wait for
+        self._files_wanted = threading.Condition(lock)  # what the maker waits for
         self._wanted = False
         self._failure: OSError | None = None
         self._closed = False
@@ -153,18 +157,25 @@ class IncomingFiles:
             if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
                 self._folders.clear()
             self._folders.add(folder)
-        slot = self._take()
+        slot, descriptor = self._open_made_file()
         try:
-            _write_flushed(os.open(slot, os.O_WRONLY), content)
+            _write_flushed(descriptor, content)
             os.replace(slot, path)
         except BaseException:
             _remove(slot)  # half written: never offered again
             self._folders.discard(folder)  # removed behind the node's back, perhaps: looked at again
             raise
 
+    def _open_made_file(self) -> tuple[str, int]:
+        """A file made ahead, opened; one removed behind the node's back is passed over."""
+        while True:
+            slot = self._take()
+            with contextlib.suppress(FileNotFoundError):
+                return slot, os.open(slot, os.O_WRONLY)
+
     def _take(self) -> str:
         """A file made ahead; the OSError that stopped the maker if none is left."""
-        with self._changed:
+        with self._files_made:
             while not self._free:
                 if self._failure is not None:
                     failure, self._failure = self._failure, None  # the next caller tries again
@@ -172,24 +183,24 @@ class IncomingFiles:
                 if self._closed:
                     raise OSError(f"no more files are made in {self.folder}: the receiver stopped")
                 self._ask_for_more()
-                self._changed.wait()
+                self._files_made.wait()
             slot = self._free.pop()
-            if len(self._free) < self.batch // 2 and not self._wanted:
+            if len(self._free) < self.batch:
                 self._ask_for_more()
             return slot
 
     def _ask_for_more(self) -> None:
-        self._wanted = True
-        self._changed.notify_all()
+        if not self._wanted:
+            self._wanted = True
+            self._files_wanted.notify()
 
     def _make_ahead(self) -> None:
         while True:
-            with self._changed:
+            with self._files_wanted:
                 while not (self._wanted or self._closed):
-                    self._changed.wait()
+                    self._files_wanted.wait()
                 if self._closed:
                     return
-                self._wanted = False
             try:
                 made = self._make_batch()
             except OSError as error:
@@ -197,10 +208,11 @@ class IncomingFiles:
                 made, failure = [], error
             else:
                 failure = None
-            with self._changed:
+            with self._files_made:
                 self._free = made + self._free
                 self._failure = failure
-                self._changed.notify_all()
+                self._wanted = False  # asked again by the next take if still short
+                self._files_made.notify_all()
 
     def _make_batch(self) -> list[str]:
         """Names as strings: building paths for every instance cost more than the rest here."""
@@ -224,11 +236,12 @@ class IncomingFiles:
 
     def close(self) -> None:
         """Stop making files, and remove those made and not used."""
-        with self._changed:
+        with self._files_made:
             self._closed = True
-            self._changed.notify_all()
+            self._files_made.notify_all()
+            self._files_wanted.notify()
         self._maker.join()
-        with self._changed:
+        with self._files_made:
             for slot in self._free:
                 _remove(slot)
             self._free = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 
@@ -38,6 +39,28 @@ def test_received_files_are_written_through_files_made_ahead(tmp_path):
     assert set(made_ahead(tmp_path / "incoming")) <= {0}
     incoming.close()
     assert made_ahead(tmp_path / "incoming") == []
+
+
+def test_a_full_batch_is_kept_in_reserve(tmp_path):
+    """Refilled as soon as fewer than a batch are left, not at half a batch, which ran dry
+    with four associations while the folder's flush waited behind the instances' own."""
+    incoming = IncomingFiles(tmp_path / "incoming", batch=4)
+    incoming.write(instance_path(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.1"), b"DICM")
+    deadline = time.monotonic() + 10
+    while len(made_ahead(tmp_path / "incoming")) < 4 + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(made_ahead(tmp_path / "incoming")) == 4 + 3
+    incoming.close()
+
+
+def test_files_made_ahead_and_removed_behind_the_nodes_back_are_passed_over(tmp_path):
+    incoming = IncomingFiles(tmp_path / "incoming", batch=4)
+    for slot in (tmp_path / "incoming").iterdir():
+        slot.unlink()
+    path = instance_path(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    incoming.write(path, b"DICM")
+    assert path.read_bytes() == b"DICM"
+    incoming.close()
 
 
 def test_a_failed_write_leaves_no_file_behind(tmp_path):
