@@ -91,7 +91,7 @@ class Condition(Strict):
     not_: Scalar | list[Scalar] | None = Field(None, alias="not", description="The value is none of these.")
 
     @model_validator(mode="after")
-    def _meaningful(self) -> "Condition":
+    def _meaningful(self) -> Condition:
         operators = (self.regex, self.min, self.max, self.in_, self.contains, self.excludes, self.not_)
         if all(operator is None for operator in operators):
             raise ValueError("a condition needs one of regex, min, max, in, contains, excludes, not")
@@ -159,7 +159,7 @@ class Config(Strict):
     priorities: list[PriorityRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _references_resolve(self) -> "Config":
+    def _references_resolve(self) -> Config:
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique, got {names}")
