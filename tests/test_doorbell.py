@@ -7,19 +7,14 @@ from __future__ import annotations
 import multiprocessing
 import time
 
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import update
 
 from dicom_node import db
-from dicom_node.acceptor import StoreRequest
 from dicom_node.completion import ReadAhead, complete_quiet_studies
-from dicom_node.config import load_config
 from dicom_node.doorbell import Ringer, doorbell
-from dicom_node.receive import Receiver
 from dicom_node.worker import Worker
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom
-from tests.support.peers import write_node_config
-from tests.support.raw_dul import dataset_bytes
+from tests.support.ct_study import StudyInfo, ct_series, make_phantom
+from tests.support.received import stored_by_receiver
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -56,18 +51,8 @@ def test_ringing_a_bell_nobody_hears_does_nothing():
 
 
 def received_and_due(tmp_path, stable_after: float):
-    config = load_config(write_node_config(
-        tmp_path / "node", 11112, destinations=[], stable_after=stable_after, min_free_disk_mb=0,
-        pipelines=[{"name": "ct", "model": str(DEMO_BUNDLE), "select": {"Modality": "CT"}}],
-    ))
-    engine = db.connect(config.database_url)
-    receiver = Receiver(config, engine)
-    for ds in ct_series(make_phantom((24, 20, 7), (1.5, 1.5, 3.0), seed=5), StudyInfo(), 2, "bells"):
-        request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID,
-                               ExplicitVRLittleEndian, dataset_bytes(ds))
-        assert receiver.handle_store(request) == 0
-    receiver.stop()
-    return config, engine
+    images = ct_series(make_phantom((24, 20, 7), (1.5, 1.5, 3.0), seed=5), StudyInfo(), 2, "bells")
+    return stored_by_receiver(tmp_path, images, stable_after)
 
 
 def test_completion_says_when_the_next_study_comes_due(tmp_path):

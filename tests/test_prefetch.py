@@ -7,35 +7,20 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import update
 
 from dicom_node import db
-from dicom_node.acceptor import StoreRequest
-from dicom_node.config import load_config
 from dicom_node.prefetch import VolumePrefetch
-from dicom_node.receive import Receiver
 from dicom_node.volume import load_volume, read_frames, split_stacks
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom
-from tests.support.peers import write_node_config
-from tests.support.raw_dul import dataset_bytes
+from tests.support.ct_study import StudyInfo, ct_series, make_phantom
+from tests.support.received import stored_by_receiver
 
 STABLE_AFTER = 10.0
 
 
 def received(tmp_path, images, quiet_for: float):
     """The node's database and files after receiving ``images``, quiet for ``quiet_for`` s."""
-    config = load_config(write_node_config(
-        tmp_path / "node", 11112, destinations=[], stable_after=STABLE_AFTER, min_free_disk_mb=0,
-        pipelines=[{"name": "ct", "model": str(DEMO_BUNDLE), "select": {"Modality": "CT"}}],
-    ))
-    engine = db.connect(config.database_url)
-    receiver = Receiver(config, engine)
-    for ds in images:
-        request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID,
-                               ExplicitVRLittleEndian, dataset_bytes(ds))
-        assert receiver.handle_store(request) == 0
-    receiver.stop()
+    config, engine = stored_by_receiver(tmp_path, images, STABLE_AFTER)
     with engine.begin() as connection:
         connection.execute(update(db.studies).values(last_received_at=db.now() - quiet_for))
     with db.reading(engine) as connection:
