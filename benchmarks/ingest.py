@@ -1,18 +1,23 @@
 """Ingest rate of the node against DCMTK storescp and Orthanc, same payloads, same run.
 
-    .venv/bin/python benchmarks/ingest.py [--slices 300] [--small 2000] [--only RECEIVER ...]
+    .venv/bin/python benchmarks/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only RECEIVER ...]
 
 Payloads: a 300-slice 512x512 CT and 2,000 small (64x64) images, sent with DCMTK storescu
 (TCP_NODELAY=1) over one association and over four concurrent ones, to each receiver started
 fresh. The node runs with its default, durable settings: every file and its folder are flushed
 before the Success, and the index rows a power cut could take are rebuilt from the files at the
 next start. Prints instances per second, MB per second, and the node's ratio to each peer.
+
+Each measurement is repeated (--repeat), the receivers taking turns in a different order each
+time, because this machine's speed drifts by a factor of two within minutes: a ratio is taken
+between runs made one right after the other, and the table gives the median and the range.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -68,12 +73,20 @@ def run_node(workdir: Path, paths, associations: int) -> float:
 RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "dicom-node": run_node}
 
 
+def spread(values, style: str = "{:.0f}") -> str:
+    """The lowest and highest of ``values``."""
+    values = list(values)
+    return f"{style.format(min(values))}-{style.format(max(values))}"
+
+
 def main() -> int:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--slices", type=int, default=300)
     options.add_argument("--small", type=int, default=2000)
+    options.add_argument("--repeat", type=int, default=3, help="runs of each measurement")
     options.add_argument("--only", choices=sorted(RECEIVERS), action="append", help="receivers to run")
     args = options.parse_args()
+    names = [name for name in RECEIVERS if not args.only or name in args.only]
     rows, ratios = [], []
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -87,24 +100,30 @@ def main() -> int:
         for payload, paths in payloads.items():
             megabytes = sum(p.stat().st_size for p in paths) / 1e6
             for associations in (1, 4):
-                rates = {}
-                for name, run in RECEIVERS.items():
-                    if args.only and name not in args.only:
-                        continue
-                    workdir = scratch / f"run-{name}"
-                    seconds = run(workdir, paths, associations)
-                    shutil.rmtree(workdir, ignore_errors=True)
-                    rates[name] = len(paths) / seconds
-                    rows.append([payload, associations, name, f"{seconds:.2f}", f"{len(paths) / seconds:.0f}",
-                                 f"{megabytes / seconds:.1f}"])
-                if "dicom-node" in rates:
+                runs: list[dict[str, float]] = []  # per repetition: instances per second by receiver
+                for repetition in range(args.repeat):
+                    order = names[repetition % len(names):] + names[:repetition % len(names)]
+                    rates = {}
+                    for name in order:
+                        workdir = scratch / f"run-{name}"
+                        seconds = RECEIVERS[name](workdir, paths, associations)
+                        shutil.rmtree(workdir, ignore_errors=True)
+                        rates[name] = len(paths) / seconds
+                    runs.append(rates)
+                for name in names:
+                    rate = statistics.median(run[name] for run in runs)
+                    rows.append([payload, associations, name, f"{len(paths) / rate:.2f}", f"{rate:.0f}",
+                                 f"{megabytes * rate / len(paths):.1f}", spread(run[name] for run in runs)])
+                if "dicom-node" in names:
                     for peer in ("orthanc", "storescp"):
-                        if peer in rates:
+                        if peer in names:
+                            paired = [run["dicom-node"] / run[peer] for run in runs]
                             ratios.append([payload, associations, f"node / {peer}",
-                                           f"{rates['dicom-node'] / rates[peer]:.2f}"])
-    print(table(["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s"], rows))
+                                           f"{statistics.median(paired):.2f}", spread(paired, "{:.2f}")])
+    print(f"median of {args.repeat} run(s); range in the last column")
+    print(table(["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s", "inst/s range"], rows))
     print()
-    print(table(["payload", "assocs", "ratio", "value"], ratios))
+    print(table(["payload", "assocs", "ratio", "median", "range"], ratios))
     return 0
 
 
