@@ -17,7 +17,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
 from tests.support.peers import dcmtk_env, start_node, storescu, write_node_config
-from tests.support.raw_dul import RawAssociation, associate_rq, c_store_rq, command_rq, dataset_bytes, p_data
+from tests.support.raw_dul import (
+    RawAssociation,
+    associate_rq,
+    c_store_rq,
+    command_rq,
+    dataset_bytes,
+    p_data,
+    release_rq,
+)
 
 C_FIND = 0x0020
 
@@ -124,3 +132,23 @@ def test_echo_from_dcmtk(node):
     result = subprocess.run(["echoscu", "-aec", node.ae_title, "127.0.0.1", str(node.port)],
                             check=False, capture_output=True, env=dcmtk_env())
     assert result.returncode == 0
+
+
+def test_a_proposal_answered_before_is_answered_again_with_each_requests_own_ae_titles(node):
+    """The answer to a proposal is remembered (decoding and negotiating it took 35 ms); only
+    the AE titles, sent back as each request has them, may differ."""
+    answers = []
+    for calling in ("FIRSTPEER", "SECOND"):
+        association = RawAssociation(node.port)
+        try:
+            association.send(associate_rq(node.ae_title, calling, CTImageStorage, ExplicitVRLittleEndian))
+            kind, body = association.read_pdu()
+            assert kind == 0x02
+            answers.append(body)
+            association.send(release_rq())
+            association.read_pdu()
+        finally:
+            association.close()
+    titles = [body[4:36] for body in answers]  # the body follows the 6-byte PDU header
+    assert titles == [(node.ae_title.ljust(16) + calling.ljust(16)).encode() for calling in ("FIRSTPEER", "SECOND")]
+    assert [body[:4] + body[36:] for body in answers[1:]] == [answers[0][:4] + answers[0][36:]]
