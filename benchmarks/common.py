@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: payloads, peers, and a table printer."""
+"""Shared pieces of the benchmarks: payloads, peers, CPU time of a process tree, and a table printer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -65,6 +66,20 @@ def send(ae_title: str, port: int, paths: list[Path], associations: int) -> floa
         if sender.returncode != 0:
             raise RuntimeError(f"storescu failed: {errors.decode()[-500:]}")
     return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all under it, including the children it has already reaped
+    (storescp forks one per association)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def table(headers: list[str], rows: list[list]) -> str:

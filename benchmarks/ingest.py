@@ -6,11 +6,13 @@ Payloads: a 300-slice 512x512 CT and 2,000 small (64x64) images, sent with DCMTK
 (TCP_NODELAY=1) over one association and over four concurrent ones, to each receiver started
 fresh. The node runs with its default, durable settings: every file and its folder are flushed
 before the Success, and the index rows a power cut could take are rebuilt from the files at the
-next start. Prints instances per second, MB per second, and the node's ratio to each peer.
+next start. Prints instances per second, MB per second, the receiver's CPU time per instance
+(all its processes), and the node's ratio to each peer.
 
 Each measurement is repeated (--repeat), the receivers taking turns in a different order each
 time, because this machine's speed drifts by a factor of two within minutes: a ratio is taken
 between runs made one right after the other, and the table gives the median and the range.
+CPU time per instance moves less with the machine's mood than the rate does.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
+    cpu_seconds,
     dcmtk_env,
     free_port,
     send,
@@ -35,7 +39,20 @@ from common import (
 )
 
 
-def run_storescp(workdir: Path, paths, associations: int) -> float:
+@dataclass(frozen=True)
+class Received:
+    seconds: float
+    cpu_seconds: float  # of the receiver's processes, while receiving
+
+
+def receive(pid: int, ae_title: str, port: int, paths, associations: int) -> Received:
+    """Send ``paths`` to the receiver whose process is ``pid``, and what that took."""
+    before = cpu_seconds(pid)
+    seconds = send(ae_title, port, paths, associations)
+    return Received(seconds, cpu_seconds(pid) - before)
+
+
+def run_storescp(workdir: Path, paths, associations: int) -> Received:
     port, out = free_port(), workdir / "storescp"
     out.mkdir(parents=True)
     # --fork: one process per association, as four concurrent senders need.
@@ -44,28 +61,28 @@ def run_storescp(workdir: Path, paths, associations: int) -> float:
     try:
         wait_for(lambda: subprocess.run(["echoscu", "127.0.0.1", str(port)], env=dcmtk_env(),
                                         capture_output=True).returncode == 0, 30, "storescp")
-        return send("ANY-SCP", port, paths, associations)
+        return receive(process.pid, "ANY-SCP", port, paths, associations)
     finally:
         process.terminate()
         process.wait()
 
 
-def run_orthanc(workdir: Path, paths, associations: int) -> float:
+def run_orthanc(workdir: Path, paths, associations: int) -> Received:
     orthanc = start_orthanc(workdir / "orthanc", {})
     try:
-        return send(orthanc.ae_title, orthanc.dicom_port, paths, associations)
+        return receive(orthanc.process.pid, orthanc.ae_title, orthanc.dicom_port, paths, associations)
     finally:
         orthanc.stop()
 
 
-def run_node(workdir: Path, paths, associations: int) -> float:
+def run_node(workdir: Path, paths, associations: int) -> Received:
     port = free_port()
     config = write_node_config(workdir / "node", port, destinations=[], pipelines=[], stable_after=600)
     node = start_node(config, port)
     try:
         # Measure the receiver, not the worker importing PyTorch beside it at start-up.
         wait_for(lambda: " ready" in node.log(), 120, "the node's worker")
-        return send(node.ae_title, port, paths, associations)
+        return receive(node.process.pid, node.ae_title, port, paths, associations)
     finally:
         node.stop()
 
@@ -100,30 +117,36 @@ def main() -> int:
         for payload, paths in payloads.items():
             megabytes = sum(p.stat().st_size for p in paths) / 1e6
             for associations in (1, 4):
-                runs: list[dict[str, float]] = []  # per repetition: instances per second by receiver
+                runs: list[dict[str, Received]] = []  # per repetition, by receiver
                 for repetition in range(args.repeat):
                     order = names[repetition % len(names):] + names[:repetition % len(names)]
-                    rates = {}
+                    measured = {}
                     for name in order:
                         workdir = scratch / f"run-{name}"
-                        seconds = RECEIVERS[name](workdir, paths, associations)
+                        measured[name] = RECEIVERS[name](workdir, paths, associations)
                         shutil.rmtree(workdir, ignore_errors=True)
-                        rates[name] = len(paths) / seconds
-                    runs.append(rates)
+                    runs.append(measured)
+                count = len(paths)
                 for name in names:
-                    rate = statistics.median(run[name] for run in runs)
-                    rows.append([payload, associations, name, f"{len(paths) / rate:.2f}", f"{rate:.0f}",
-                                 f"{megabytes * rate / len(paths):.1f}", spread(run[name] for run in runs)])
+                    rates = [count / run[name].seconds for run in runs]
+                    rate = statistics.median(rates)
+                    cpu = statistics.median(run[name].cpu_seconds * 1000 / count for run in runs)
+                    rows.append([payload, associations, name, f"{count / rate:.2f}", f"{rate:.0f}",
+                                 f"{megabytes * rate / count:.1f}", spread(rates), f"{cpu:.2f}"])
                 if "dicom-node" in names:
                     for peer in ("orthanc", "storescp"):
                         if peer in names:
-                            paired = [run["dicom-node"] / run[peer] for run in runs]
+                            paired = [run[peer].seconds / run["dicom-node"].seconds for run in runs]
+                            cpu_paired = [run["dicom-node"].cpu_seconds / run[peer].cpu_seconds
+                                          for run in runs]
                             ratios.append([payload, associations, f"node / {peer}",
-                                           f"{statistics.median(paired):.2f}", spread(paired, "{:.2f}")])
-    print(f"median of {args.repeat} run(s); range in the last column")
-    print(table(["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s", "inst/s range"], rows))
+                                           f"{statistics.median(paired):.2f}", spread(paired, "{:.2f}"),
+                                           f"{statistics.median(cpu_paired):.2f}"])
+    print(f"median of {args.repeat} run(s); CPU: all the receiver's processes, while receiving")
+    headers = ["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s", "inst/s range", "CPU ms/inst"]
+    print(table(headers, rows))
     print()
-    print(table(["payload", "assocs", "ratio", "median", "range"], ratios))
+    print(table(["payload", "assocs", "ratio", "rate", "rate range", "CPU ms/inst"], ratios))
     return 0
 
 
