@@ -47,3 +47,19 @@ def test_a_job_over_its_time_limit_fails_with_that_reason(tmp_path, node_port):
         assert node.echo()
     finally:
         node.stop()
+
+
+def test_a_worker_loads_its_bundles_before_the_first_study_and_passes_over_a_broken_one(tmp_path, node_port):
+    not_a_bundle = tmp_path / "not-a-bundle"
+    not_a_bundle.mkdir()
+    pipelines = [{"name": "broken", "model": str(not_a_bundle), "select": {"Modality": "CT"}}, demo_pipeline("body")]
+    config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=pipelines,
+                               stable_after=1, min_free_disk_mb=0)
+    node = start_node(config, node_port)
+    try:
+        wait_for(lambda: " ready" in node.log(), 120, "the worker")
+        loads = node.query("SELECT study_uid, message FROM events WHERE message LIKE '%loaded bundle%'")
+        assert [(study, message.endswith(" for body")) for study, message in loads] == [(None, True)]
+        assert "could not load the bundle of pipeline broken ahead of its jobs" in node.log()
+    finally:
+        node.stop()
