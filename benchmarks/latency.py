@@ -6,6 +6,10 @@ The demo bundle on a 300-slice 512x512 phantom CT, sent by storescu to the node,
 to a real Orthanc. Stages come from the node's own records: quiet period, queue wait, volume,
 network (and the bundle's pre/postprocessing), encoding, sending. Target: total at most
 stable_after + 2 s + the network's own time.
+
+The total ends when Orthanc has answered Success to the C-STORE of the last result (the node's
+delivery record, written once the association that carried it is released). Orthanc's index is also polled, every 0.1 s, to
+see the results there; that time is printed too, and runs up to 0.1 s later by the polling alone.
 """
 
 from __future__ import annotations
@@ -79,11 +83,12 @@ def main() -> int:
         ["write results", steps["write"]],
         ["sending (C-STORE to Orthanc)", sent - finished],
     ]
-    total = in_pacs - last_ack
+    total = sent - last_ack
     budget = args.stable_after + 2 + steps["network"]
     print(f"{args.slices}-slice CT, demo bundle, stable_after = {args.stable_after:g} s")
     print(table(["stage", "seconds"], [[name, f"{seconds:.2f}"] for name, seconds in rows]))
-    print(f"last instance acknowledged -> SEG and SR in Orthanc: {total:.2f} s")
+    print(f"last instance acknowledged -> SEG and SR in Orthanc (its C-STORE Success): {total:.2f} s")
+    print(f"    (seen in Orthanc's index, polled every 0.1 s: {in_pacs - last_ack:.2f} s)")
     print(f"target stable_after + 2 + network = {budget:.2f} s: {'met' if total <= budget else 'NOT met'}")
     return 0
 
