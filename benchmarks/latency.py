@@ -8,8 +8,9 @@ network (and the bundle's pre/postprocessing), encoding, sending. Target: total 
 stable_after + 2 s + the network's own time.
 
 The total ends when Orthanc has answered Success to the C-STORE of the last result (the node's
-delivery record, written once the association that carried it is released). Orthanc's index is also polled, every 0.1 s, to
-see the results there; that time is printed too, and runs up to 0.1 s later by the polling alone.
+delivery record, written once the association that carried it is released). Orthanc's index is
+also polled, every 0.1 s, to see the results there; that time is printed too, and runs up to
+0.1 s later by the polling alone.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ on small instances, that left the node at a third of Orthanc's rate. Here a thre
 whole, answers C-ECHO and C-STORE with hand-written command sets (`upper_layer`), and sleeps
 only in ``recv``. Negotiation still uses pynetdicom's PDU classes and its presentation-context
 negotiation, so the node accepts exactly what pynetdicom accepted; but its answer to a proposal
-is remembered. Decoding, negotiating and encoding a storescu proposal (128 contexts) took 35 ms
-of the receiver's time per association, and a sender proposes the same every time: only the
-AE titles differ, and those are answered from each request's own bytes.
+is remembered. With decoding, negotiating and encoding a storescu proposal (128 contexts) each
+time, an association cost the receiver 39 ms of CPU; remembered, 6 ms. A sender proposes the
+same every time: only the AE titles differ, and those are answered from each request's own
+bytes.
 
 Association policy, in this order: the peer's address against ``allowed_peers`` (connection
 closed before any PDU is read), then the called AE title, the calling AE title and the number
@@ -110,7 +111,8 @@ class _ProposalAnswer:
 
 
 # A-ASSOCIATE-RQ and -AC (PS3.8 9.3.2, 9.3.3): the AE titles, and where the rest starts.
-_RQ_AE_TITLES = slice(4, 36)  # in the request's body
+_RQ_CALLED_AE_TITLE, _RQ_CALLING_AE_TITLE = slice(4, 20), slice(20, 36)  # in the request's body
+_RQ_AE_TITLES = slice(_RQ_CALLED_AE_TITLE.start, _RQ_CALLING_AE_TITLE.stop)
 _AC_AE_TITLES = slice(10, 42)  # in the whole accept PDU: the request's, sent back unchanged
 _RQ_FIXED_FIELDS = 68
 MAX_REMEMBERED_PROPOSALS = 64
@@ -397,8 +399,8 @@ def _ae_titles(body: bytearray) -> tuple[str, str]:
     """(calling, called) AE titles of an A-ASSOCIATE-RQ, read and checked as pynetdicom does."""
     titles = AssociateRequest()
     try:
-        titles.called_ae_title = bytes(body[4:20])
-        titles.calling_ae_title = bytes(body[20:36])
+        titles.called_ae_title = bytes(body[_RQ_CALLED_AE_TITLE])
+        titles.calling_ae_title = bytes(body[_RQ_CALLING_AE_TITLE])
     except (ValueError, TypeError) as error:
         raise ul.ProtocolError(f"invalid AE title in the A-ASSOCIATE-RQ ({error})") from error
     return titles.calling_ae_title, titles.called_ae_title

@@ -2,8 +2,9 @@
 
 Workers are separate processes so that a long model run never stalls the receiving process,
 and so that several can run side by side (or on other hosts). Each loads its bundles at start
-and keeps them loaded between jobs. A job's results are written to disk first; then, in one transaction, the result
-rows, their deliveries and the job's ``done`` state are committed together.
+and keeps them loaded between jobs. A job's results are written to disk first; then, in one
+transaction, the result rows, their deliveries and the job's ``done`` state are committed
+together.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Worker:
         bundle = Bundle(pipeline.model, choose_device(pipeline.device))
         self.bundles[pipeline.name] = bundle
         evicted = []
-        while len(self.bundles) > 1 and sum(b.weight_mb for b in self.bundles.values()) > self.config.node.model_memory_mb:
+        while len(self.bundles) > 1 and self._loaded_mb() > self.config.node.model_memory_mb:
             name, _ = self.bundles.popitem(last=False)
             evicted.append(name)
         _free_memory()
@@ -127,6 +128,9 @@ class Worker:
             db.log_event(connection, study_uid, "info", message)
         return bundle
 
+    def _loaded_mb(self) -> float:
+        return sum(bundle.weight_mb for bundle in self.bundles.values())
+
     def warm_up(self) -> None:
         """Before the first job: the pipelines' bundles, in their order, as many as
         model_memory_mb keeps, and the standard's tables the result encoders read. Without
@@ -135,7 +139,7 @@ class Worker:
         fails to load here is loaded again by its job, which then fails with the reason."""
         load_standard_tables()
         for pipeline in self.config.pipelines:
-            if sum(bundle.weight_mb for bundle in self.bundles.values()) >= self.config.node.model_memory_mb:
+            if self._loaded_mb() >= self.config.node.model_memory_mb:
                 break
             try:
                 self.bundle(pipeline, None)

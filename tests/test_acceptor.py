@@ -135,8 +135,8 @@ def test_echo_from_dcmtk(node):
 
 
 def test_a_proposal_answered_before_is_answered_again_with_each_requests_own_ae_titles(node):
-    """The answer to a proposal is remembered (decoding and negotiating it took 35 ms); only
-    the AE titles, sent back as each request has them, may differ."""
+    """The answer to a proposal is remembered (negotiating it again cost 39 ms of CPU per
+    association, against 6); only the AE titles, sent back as each request has them, differ."""
     answers = []
     for calling in ("FIRSTPEER", "SECOND"):
         association = RawAssociation(node.port)
