@@ -128,7 +128,7 @@ def test_a_rerun_makes_new_instances_that_supersede_the_old(tmp_path, node_port)
         wait_for(lambda: node.query("SELECT count(*) FROM results") == [(2,)], 180, "the first results")
         assert "1 job(s) queued to run again" in node.cli("rerun", info.study_uid)
         wait_for(lambda: node.query("SELECT count(*) FROM results") == [(4,)], 180, "the results of the re-run")
-        wait_for(lambda: node.query("SELECT state FROM jobs") == [("done",)], 60, "the re-run to finish")
+        assert set(wait_for(node.finished_job_states, 60, "the re-run to finish")) == {"done"}
         rows = node.query("SELECT id, kind, sop_instance_uid, series_uid, path, supersedes FROM results ORDER BY id")
         status = node.cli("status")
     finally:

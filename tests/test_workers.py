@@ -42,7 +42,8 @@ def test_a_job_over_its_time_limit_fails_with_that_reason(tmp_path, node_port):
     try:
         info, paths = small_study(tmp_path / "study", slices=40)
         assert storescu(node.ae_title, node.port, paths).returncode == 0
-        wait_for(lambda: node.query("SELECT state FROM jobs") == [("failed",)], 120, "the job to fail")
+        states = wait_for(node.finished_job_states, 120, "the job to fail")
+        assert set(states) == {"failed"}, states
         assert "exceeded the time limit of 0.05 s" in node.cli("status")
         assert node.echo()
     finally:

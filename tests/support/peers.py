@@ -220,6 +220,14 @@ class Node:
         with sqlite3.connect(database, timeout=30) as connection:
             return connection.execute(sql, parameters).fetchall()
 
+    def finished_job_states(self) -> list[str]:
+        """Every job's state once there is at least one and none is queued or running; empty
+        until then. A study sent with a pause longer than stable_after (a stalled machine is
+        enough) completes twice and its series gets a second job, so a test looks at all of
+        them rather than count on exactly one."""
+        states = [state for (state,) in self.query("SELECT state FROM jobs ORDER BY id")]
+        return [] if not states or {"queued", "running"} & set(states) else states
+
     def kill(self) -> None:
         """kill -9 of every process of the node at once (main, receivers, workers): no clean-up of
         any kind, as in a power cut. Killing the main process alone would let its children stop
