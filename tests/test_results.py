@@ -119,7 +119,7 @@ def test_a_rerun_makes_new_instances_that_supersede_the_old(tmp_path, node_port)
         tmp_path / "node", node_port, destinations=[],
         pipelines=[{"name": "body", "model": str(DEMO_BUNDLE),
                     "select": {"Modality": "CT"}}],
-        stable_after=1, min_free_disk_mb=0,
+        stable_after=2, min_free_disk_mb=0,  # counts results: no second completion
     )
     node = start_node(config, node_port)
     try:

@@ -13,7 +13,7 @@ def demo_pipeline(name: str, **options) -> dict:
 def test_a_worker_loads_each_model_once_and_every_pipeline_writes_its_own_series(tmp_path, node_port):
     config = write_node_config(tmp_path / "node", node_port, destinations=[],
                                pipelines=[demo_pipeline("body"), demo_pipeline("body-again")],
-                               stable_after=1, min_free_disk_mb=0)
+                               stable_after=2, min_free_disk_mb=0)  # counts jobs: no second completion
     node = start_node(config, node_port)
     try:
         studies = [small_study(tmp_path / f"study{i}", slices=16, seed=i)[1] for i in range(3)]
