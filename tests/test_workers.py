@@ -1,6 +1,10 @@
-"""Workers as an operator runs them: warm models, several pipelines per study, time limits."""
+"""Workers as an operator runs them: warm models, several pipelines per study, time limits, a worker that dies."""
 
 from __future__ import annotations
+
+import os
+import re
+import signal
 
 from tests.support.ct_study import DEMO_BUNDLE, small_study
 from tests.support.peers import start_node, storescu, wait_for, write_node_config
@@ -62,5 +66,22 @@ def test_a_worker_loads_its_bundles_before_the_first_study_and_passes_over_a_bro
         loads = node.query("SELECT study_uid, message FROM events WHERE message LIKE '%loaded bundle%'")
         assert [(study, message.endswith(" for body")) for study, message in loads] == [(None, True)]
         assert "could not load the bundle of pipeline broken ahead of its jobs" in node.log()
+    finally:
+        node.stop()
+
+
+def test_a_killed_worker_is_replaced_and_the_next_study_is_processed(tmp_path, node_port):
+    config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=[demo_pipeline("body")],
+                               stable_after=2, min_free_disk_mb=0)
+    node = start_node(config, node_port)
+    try:
+        ready = wait_for(lambda: re.findall(r"worker \S+:(\d+) ready", node.log()), 120, "the worker")
+        os.kill(int(ready[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        wait_for(lambda: len(re.findall(r"worker \S+:\d+ ready", node.log())) == 2, 120, "a new worker")
+        assert f"worker {ready[0]} exited with -9; restarting it" in node.log()
+        _, paths = small_study(tmp_path / "study", slices=16)
+        assert storescu(node.ae_title, node.port, paths).returncode == 0
+        assert set(wait_for(node.finished_job_states, 120, "the job")) == {"done"}
+        assert node.echo()
     finally:
         node.stop()
