@@ -85,9 +85,15 @@ def _int_or_none(value) -> int | None:
     except (TypeError, ValueError):
         return None
 
+def content_digest(content: bytes) -> str:
+    """What tells a repeated instance from a changed one: SHA-256 of the file's bytes."""
+    return hashlib.sha256(content).hexdigest()
+
+
 def instance_row(header: InstanceHeader, path: Path, content: bytes, transfer_syntax: str,
-                 calling_ae: str | None, received_at: float) -> dict:
-    """The instances row of a stored file; ``content`` is the file's bytes, meta header included."""
+                 calling_ae: str | None, received_at: float, digest: str | None = None) -> dict:
+    """The instances row of a stored file; ``content`` is the file's bytes, meta header included,
+    and ``digest`` its `content_digest` where the caller has already computed it."""
     return {
         "sop_instance_uid": header.sop_instance_uid,
         "series_uid": header.series_uid,
@@ -96,7 +102,7 @@ def instance_row(header: InstanceHeader, path: Path, content: bytes, transfer_sy
         "transfer_syntax_uid": transfer_syntax,
         "path": str(path),
         "size": len(content),
-        "sha256": hashlib.sha256(content).hexdigest(),
+        "sha256": digest or content_digest(content),
         "calling_ae": calling_ae,
         "received_at": received_at,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 import subprocess
@@ -11,9 +12,9 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, UID_dictionary
 
-from dicom_node.receive import storage_sop_classes
+from dicom_node.receive import DIGEST_ASIDE_BYTES, storage_sop_classes
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
-from tests.support.peers import dcmtk_env, start_node, write_node_config
+from tests.support.peers import dcmtk_env, start_node, storescu, write_node_config
 
 STORESCU_PROFILE = Path(__file__).parent / "support" / "storescu-all-syntaxes.cfg"
 # DCMTK command that makes each compressed copy; JPEG 2000 is encoded by pydicom (openjpeg).
@@ -85,6 +86,21 @@ def test_every_transfer_syntax_is_stored_as_received(tmp_path, node):
         stored = pydicom.dcmread(path)
         assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID, name
         assert stored.PixelData == sent.PixelData, f"{name}: pixel data was re-encoded"
+
+
+def test_the_recorded_digest_is_the_stored_files_small_or_large(tmp_path, node):
+    """Large instances are digested beside the write of their file (DIGEST_ASIDE_BYTES), small
+    ones on the way: both must record what was stored, or a repeat is taken for a change."""
+    paths = []
+    for size in (64, 512):
+        phantom = make_phantom((size, size, 1), (1.0, 1.0, 1.0), seed=size)
+        paths += write_series(ct_series(phantom, StudyInfo(), 1, f"{size}"), tmp_path / f"{size}")
+    assert storescu(node.ae_title, node.port, paths).returncode == 0
+    rows = node.query("SELECT path, size, sha256 FROM instances ORDER BY size")
+    assert len(rows) == 2 and rows[0][1] < DIGEST_ASIDE_BYTES <= rows[1][1]
+    for path, size, digest in rows:
+        content = Path(path).read_bytes()
+        assert (len(content), hashlib.sha256(content).hexdigest()) == (size, digest), path
 
 
 def test_echo_answers_and_a_wrong_called_ae_title_is_rejected(node):
