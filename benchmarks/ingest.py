@@ -29,13 +29,13 @@ import argparse
 import statistics
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
     cpu_seconds,
     dcmtk_env,
+    file_creation_microseconds,
     free_port,
     send,
     start_node,
@@ -96,16 +96,6 @@ def run_node(workdir: Path, paths, associations: int) -> Received:
 
 
 RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "dicom-node": run_node}
-
-
-def file_creation_microseconds(folder: Path, count: int = 300) -> float:
-    """Mean time to create an empty file in ``folder``; the files stay (deleting them is what
-    makes the next creations slow)."""
-    folder.mkdir(parents=True)
-    started = time.perf_counter()
-    for index in range(count):
-        (folder / f"{index}").touch(exist_ok=False)
-    return (time.perf_counter() - started) / count * 1e6
 
 
 def spread(values, style: str = "{:.0f}") -> str:
