@@ -85,6 +85,7 @@ def _int_or_none(value) -> int | None:
     except (TypeError, ValueError):
         return None
 
+
 def content_digest(content: bytes) -> str:
     """What tells a repeated instance from a changed one: SHA-256 of the file's bytes."""
     return hashlib.sha256(content).hexdigest()

@@ -157,10 +157,10 @@ class Receiver:
         path = store.instance_path(
             self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
-        digest = self._digests.submit(content_digest, content) if len(content) >= DIGEST_ASIDE_BYTES else None
+        digesting = self._digests.submit(content_digest, content) if len(content) >= DIGEST_ASIDE_BYTES else None
         self._files.write(path, content)
         instance = instance_row(header, path, content, request.transfer_syntax, request.calling_ae_title, db.now(),
-                                digest.result() if digest is not None else None)
+                                digesting.result() if digesting is not None else None)
         if not self._index((header, instance)):
             return  # the same instance again, unchanged: nothing was recorded
         if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
