@@ -7,7 +7,8 @@ Payloads: a 300-slice 512x512 CT and 2,000 small (64x64) images, sent with DCMTK
 fresh. The node runs with its default, durable settings: every file and its folder are flushed
 before the Success, and the index rows a power cut could take are rebuilt from the files at the
 next start. Prints instances per second, MB per second, the receiver's CPU time per instance
-(all its processes), and the node's ratio to each peer.
+(all its processes), the peak resident memory of the processes that receive, and the node's
+ratio to each peer.
 
 Each measurement is repeated (--repeat), the receivers taking turns in a different order each
 time, because this machine's speed drifts by a factor of two within minutes: a ratio is taken
@@ -26,13 +27,17 @@ after another (or after any mass deletion) shows that it was slowed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
+    PeakMemory,
     cpu_seconds,
     dcmtk_env,
     file_creation_microseconds,
@@ -51,13 +56,18 @@ from common import (
 class Received:
     seconds: float
     cpu_seconds: float  # of the receiver's processes, while receiving
+    peak_mb: float  # resident memory of its receiving processes, at most, while receiving
+    beside_mb: float = 0.0  # of the processes that do not receive (the node's idle worker), at most
 
 
-def receive(pid: int, ae_title: str, port: int, paths, associations: int) -> Received:
-    """Send ``paths`` to the receiver whose process is ``pid``, and what that took."""
+def receive(pid: int, ae_title: str, port: int, paths, associations: int, beside: Collection[int] = ()) -> Received:
+    """Send ``paths`` to the receiver whose process is ``pid``, and what that took. Processes in
+    ``beside`` take no part in receiving; their memory is measured apart."""
     before = cpu_seconds(pid)
-    seconds = send(ae_title, port, paths, associations)
-    return Received(seconds, cpu_seconds(pid) - before)
+    with PeakMemory(pid, leave_out=beside) as receiving, contextlib.ExitStack() as stack:
+        others = [stack.enter_context(PeakMemory(other)) for other in beside]
+        seconds = send(ae_title, port, paths, associations)
+    return Received(seconds, cpu_seconds(pid) - before, receiving.peak_mb, sum(o.peak_mb for o in others))
 
 
 def run_storescp(workdir: Path, paths, associations: int) -> Received:
@@ -90,7 +100,8 @@ def run_node(workdir: Path, paths, associations: int) -> Received:
     try:
         # Measure the receiver, not the worker importing PyTorch beside it at start-up.
         wait_for(lambda: " ready" in node.log(), 120, "the node's worker")
-        return receive(node.process.pid, node.ae_title, port, paths, associations)
+        workers = [int(pid) for pid in re.findall(r"worker \S+:(\d+) ready", node.log())]
+        return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
     finally:
         node.stop()
 
@@ -112,7 +123,7 @@ def main() -> int:
     options.add_argument("--only", choices=sorted(RECEIVERS), action="append", help="receivers to run")
     args = options.parse_args()
     names = [name for name in RECEIVERS if not args.only or name in args.only]
-    rows, ratios = [], []
+    rows, ratios, beside = [], [], []
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         creation = file_creation_microseconds(scratch / "probe")
@@ -139,8 +150,12 @@ def main() -> int:
                     rates = [count / run[name].seconds for run in runs]
                     rate = statistics.median(rates)
                     cpu = statistics.median(run[name].cpu_seconds * 1000 / count for run in runs)
+                    peak = statistics.median(run[name].peak_mb for run in runs)
                     rows.append([payload, associations, name, f"{count / rate:.2f}", f"{rate:.0f}",
-                                 f"{megabytes * rate / count:.1f}", spread(rates), f"{cpu:.2f}"])
+                                 f"{megabytes * rate / count:.1f}", spread(rates), f"{cpu:.2f}", f"{peak:.0f}"])
+                    if name == "dicom-node":
+                        beside.append(f"{payload}, {associations} association(s): "
+                                      f"{statistics.median(run[name].beside_mb for run in runs):.0f} MB")
                 if "dicom-node" in names:
                     for peer in ("orthanc", "storescp"):
                         if peer in names:
@@ -152,8 +167,13 @@ def main() -> int:
                                            f"{statistics.median(cpu_paired):.2f}"])
     print(f"median of {args.repeat} run(s); CPU: all the receiver's processes, while receiving; "
           f"creating a file took {creation:.0f} us before the first run")
-    headers = ["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s", "inst/s range", "CPU ms/inst"]
+    headers = ["payload", "assocs", "receiver", "seconds", "inst/s", "MB/s", "inst/s range", "CPU ms/inst",
+               "peak MB"]
     print(table(headers, rows))
+    if beside:
+        print("peak MB: the processes that receive, each one's peak resident memory, summed (for the node: its "
+              "main process and receivers; target at most 500 MB).\nThe node's idle worker beside them (PyTorch "
+              "and MONAI loaded), same measure: " + "; ".join(beside))
     print()
     print(table(["payload", "assocs", "ratio", "rate", "rate range", "CPU ms/inst"], ratios))
     return 0
