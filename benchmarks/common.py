@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: payloads, peers, CPU time of a process tree, and a table printer."""
+"""Shared pieces of the benchmarks: payloads, peers, CPU time and peak memory of a process tree, and a table printer."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import threading
 import time
 from collections.abc import Collection
-from typing import Self
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import psutil
