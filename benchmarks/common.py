@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: payloads, peers, CPU time and peak memory of a process tree, and a table printer."""
+"""Shared pieces of the benchmarks: payloads, peers, CPU time and peak memory of a process tree,
+and a table printer."""
 
 from __future__ import annotations
 
