@@ -174,8 +174,9 @@ def main() -> int:
         print("peak MB: the processes that receive, each one's peak resident memory, summed (for the node: its "
               "main process and receivers; target at most 500 MB).\nThe node's idle worker beside them (PyTorch "
               "and MONAI loaded), same measure: " + "; ".join(beside))
-    print()
-    print(table(["payload", "assocs", "ratio", "rate", "rate range", "CPU ms/inst"], ratios))
+    if ratios:  # none when --only leaves the node or both peers out
+        print()
+        print(table(["payload", "assocs", "ratio", "rate", "rate range", "CPU ms/inst"], ratios))
     return 0
 
 
