@@ -1,0 +1,53 @@
+"""The benchmarks keep working: their memory probe measures what it claims, and the ingest
+benchmark runs end to end. Their numbers are not checked here: timing belongs to the
+benchmarks themselves, on a quiet machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import PeakMemory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HOLD_200_MB = """
+import sys, time
+block = bytearray(200 * 2**20)
+for offset in range(0, len(block), 4096):
+    block[offset] = 1  # touched: resident, not only reserved
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_memory_probe_sees_a_childs_peak_and_leaves_out_what_it_is_told_to():
+    starts_the_child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {HOLD_200_MB!r}])"
+    parent = subprocess.Popen([sys.executable, "-c", starts_the_child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        [child] = PeakMemory(parent.pid).root.children()
+        with PeakMemory(parent.pid) as everything, PeakMemory(parent.pid, leave_out=[child.pid]) as parent_only:
+            time.sleep(0.2)
+        assert everything.peak_mb >= 200
+        assert parent_only.peak_mb < 100
+    finally:
+        parent.communicate("\n", timeout=30)
+
+
+def test_the_ingest_benchmark_runs_and_prints_rates_and_memory():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ingest.py"), "--slices", "3", "--small", "20", "--repeat", "1",
+         "--only", "dicom-node"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("payload"))
+    assert header.split()[-2:] == ["peak", "MB"]
+    node_rows = [line.split() for line in result.stdout.splitlines() if "dicom-node" in line]
+    assert len(node_rows) == 4  # two payloads, one and four associations
+    assert all(50 < float(row[-1]) < 400 for row in node_rows)  # main process and receiver, not the worker
+    assert "The node's idle worker beside them" in result.stdout
