@@ -93,25 +93,27 @@ class PeakMemory:
     peak, so no short peak is missed between looks). Peaks reached at different moments add up,
     shared pages count once per process, and a process's peak may predate the block: the sum
     errs high, never low. Children are looked for every 50 ms, which costs about 1 ms; one that
-    lives less than that may be missed. Processes in ``leave_out`` are not counted."""
+    lives less than that may be missed. Each process's peak is kept apart, so that one look
+    serves any split of the tree (`peak_mb`, `peak_mb_of`)."""
 
     INTERVAL_SECONDS = 0.05
 
-    def __init__(self, pid: int, leave_out: Collection[int] = ()) -> None:
+    def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
-        self.leave_out = set(leave_out)
         self._peaks: dict[int, int] = {}  # pid -> its high-water mark, bytes
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
 
-    @property
-    def peak_mb(self) -> float:
-        return sum(self._peaks.values()) / 2**20
+    def peak_mb(self, leave_out: Collection[int] = ()) -> float:
+        """The tree's, without the processes in ``leave_out``."""
+        return sum(peak for pid, peak in self._peaks.items() if pid not in leave_out) / 2**20
+
+    def peak_mb_of(self, pids: Collection[int]) -> float:
+        """Only that of the processes in ``pids``."""
+        return sum(peak for pid, peak in self._peaks.items() if pid in pids) / 2**20
 
     def _look(self) -> None:
         for process in [self.root, *self.root.children(recursive=True)]:
-            if process.pid in self.leave_out:
-                continue
             try:
                 status = Path(f"/proc/{process.pid}/status").read_text()
             except (FileNotFoundError, ProcessLookupError):

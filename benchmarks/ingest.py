@@ -27,8 +27,6 @@ after another (or after any mass deletion) shows that it was slowed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
 import statistics
 import subprocess
 import tempfile
@@ -57,17 +55,16 @@ class Received:
     seconds: float
     cpu_seconds: float  # of the receiver's processes, while receiving
     peak_mb: float  # resident memory of its receiving processes, at most, while receiving
-    beside_mb: float = 0.0  # of the processes that do not receive (the node's idle worker), at most
+    beside_mb: float  # of the processes that do not receive (the node's idle worker), at most
 
 
 def receive(pid: int, ae_title: str, port: int, paths, associations: int, beside: Collection[int] = ()) -> Received:
     """Send ``paths`` to the receiver whose process is ``pid``, and what that took. Processes in
     ``beside`` take no part in receiving; their memory is measured apart."""
     before = cpu_seconds(pid)
-    with PeakMemory(pid, leave_out=beside) as receiving, contextlib.ExitStack() as stack:
-        others = [stack.enter_context(PeakMemory(other)) for other in beside]
+    with PeakMemory(pid) as memory:
         seconds = send(ae_title, port, paths, associations)
-    return Received(seconds, cpu_seconds(pid) - before, receiving.peak_mb, sum(o.peak_mb for o in others))
+    return Received(seconds, cpu_seconds(pid) - before, memory.peak_mb(leave_out=beside), memory.peak_mb_of(beside))
 
 
 def run_storescp(workdir: Path, paths, associations: int) -> Received:
@@ -99,8 +96,7 @@ def run_node(workdir: Path, paths, associations: int) -> Received:
     node = start_node(config, port)
     try:
         # Measure the receiver, not the worker importing PyTorch beside it at start-up.
-        wait_for(lambda: " ready" in node.log(), 120, "the node's worker")
-        workers = [int(pid) for pid in re.findall(r"worker \S+:(\d+) ready", node.log())]
+        workers = wait_for(node.ready_workers, 120, "the node's worker")
         return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
     finally:
         node.stop()

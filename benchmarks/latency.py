@@ -64,7 +64,7 @@ def main() -> int:
         node = start_node(config, port)
         try:
             if args.first_study:
-                wait_for(lambda: " ready" in node.log(), 300, "the worker")
+                wait_for(node.ready_workers, 300, "the worker")
             else:
                 warm = write_series(ct_series(make_phantom((64, 64, 8), (5, 5, 5), seed=1), StudyInfo(), 2, "warm"),
                                     scratch / "warm")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 
 from tests.support.ct_study import DEMO_BUNDLE, small_study
@@ -62,7 +61,7 @@ def test_a_worker_loads_its_bundles_before_the_first_study_and_passes_over_a_bro
                                stable_after=1, min_free_disk_mb=0)
     node = start_node(config, node_port)
     try:
-        wait_for(lambda: " ready" in node.log(), 120, "the worker")
+        wait_for(node.ready_workers, 120, "the worker")
         loads = node.query("SELECT study_uid, message FROM events WHERE message LIKE '%loaded bundle%'")
         assert [(study, message.endswith(" for body")) for study, message in loads] == [(None, True)]
         assert "could not load the bundle of pipeline broken ahead of its jobs" in node.log()
@@ -75,9 +74,9 @@ def test_a_killed_worker_is_replaced_and_the_next_study_is_processed(tmp_path, n
                                stable_after=2, min_free_disk_mb=0)
     node = start_node(config, node_port)
     try:
-        ready = wait_for(lambda: re.findall(r"worker \S+:(\d+) ready", node.log()), 120, "the worker")
-        os.kill(int(ready[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
-        wait_for(lambda: len(re.findall(r"worker \S+:\d+ ready", node.log())) == 2, 120, "a new worker")
+        ready = wait_for(node.ready_workers, 120, "the worker")
+        os.kill(ready[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        wait_for(lambda: len(node.ready_workers()) == 2, 120, "a new worker")
         assert f"worker {ready[0]} exited with -9; restarting it" in node.log()
         _, paths = small_study(tmp_path / "study", slices=16)
         assert storescu(node.ae_title, node.port, paths).returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -205,6 +206,11 @@ class Node:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ready_workers(self) -> list[int]:
+        """The process ids of the workers that have said they are ready, in the order they said
+        it: a worker restarted by the node adds its own. Empty until the first is ready."""
+        return [int(pid) for pid in re.findall(r"worker \S+:(\d+) ready", self.log())]
 
     @property
     def data_dir(self) -> Path:
