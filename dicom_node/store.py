@@ -19,22 +19,30 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9.]{1,64}$")
+# A UID as PS3.5 9.1 defines it: numeric components separated by single dots, none empty, none
+# with a leading zero unless it is "0". `fullmatch`, not `match` with `$`, which lets a
+# trailing newline through.
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+MAX_UID_LENGTH = 64
 
 
 def is_valid_uid(uid: str) -> bool:
-    return bool(_UID.match(uid))
+    return len(uid) <= MAX_UID_LENGTH and _UID.fullmatch(uid) is not None
 
 
 def _safe_uid(uid: str) -> str:
-    """UIDs become path parts; anything but digits and dots would be a path injection."""
+    """UIDs become path parts: a valid UID has no separator and is never "." or ".."."""
     if not is_valid_uid(uid):
         raise ValueError(f"not a valid DICOM UID: {uid!r}")
     return uid
 
 
 def _uid_path(root: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-    return root / _safe_uid(study_uid) / _safe_uid(series_uid) / f"{_safe_uid(sop_instance_uid)}.dcm"
+    path = root / _safe_uid(study_uid) / _safe_uid(series_uid) / f"{_safe_uid(sop_instance_uid)}.dcm"
+    # The UID check alone keeps the path inside; this second lock holds if that check changes.
+    if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
+        raise ValueError(f"{path} is not under {root}")
+    return path
 
 
 def instance_path(data_dir: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -113,6 +121,27 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+class IncomingFile:
+    """A made-ahead file in the incoming folder, open for writing and reading back."""
+
+    def __init__(self, slot: str, descriptor: int) -> None:
+        self.slot = slot
+        self.descriptor = descriptor
+        self.size = 0
+
+    def write(self, content) -> None:
+        view = memoryview(content)
+        self.size += len(view)
+        while view:
+            written = os.write(self.descriptor, view)
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
+
+
 class IncomingFiles:
     """Received instances written durably with one flush each, for the receiver's hot path.
 
@@ -151,27 +180,42 @@ class IncomingFiles:
     def write(self, path: Path, content: bytes) -> None:
         """Write ``content`` at ``path`` so that it survives a crash once this returns (at
         ``path``, or in the incoming folder until the next start)."""
-        folder = str(path.parent)
-        if folder not in self._folders:  # rows are never deleted, nor their folders
-            make_dirs_durably(path.parent)
-            if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
-                self._folders.clear()
-            self._folders.add(folder)
-        slot, descriptor = self._open_made_file()
+        incoming = self.open()
         try:
-            _write_flushed(descriptor, content)
-            os.replace(slot, path)
+            incoming.write(content)
         except BaseException:
-            _remove(slot)  # half written: never offered again
-            self._folders.discard(folder)  # removed behind the node's back, perhaps: looked at again
+            self.discard(incoming)
             raise
+        self.keep(incoming, path)
 
-    def _open_made_file(self) -> tuple[str, int]:
-        """A file made ahead, opened; one removed behind the node's back is passed over."""
+    def open(self) -> IncomingFile:
+        """A file made ahead, opened to be written a part at a time (an instance too large to
+        hold in memory), then kept (`keep`) or discarded (`discard`)."""
         while True:
             slot = self._take()
-            with contextlib.suppress(FileNotFoundError):
-                return slot, os.open(slot, os.O_WRONLY)
+            with contextlib.suppress(FileNotFoundError):  # removed behind the node's back: passed over
+                return IncomingFile(slot, os.open(slot, os.O_RDWR))
+
+    def keep(self, incoming: IncomingFile, path: Path) -> None:
+        """Flush ``incoming`` and move it to ``path``: it survives a crash once this returns."""
+        folder = str(path.parent)
+        try:
+            if folder not in self._folders:  # rows are never deleted, nor their folders
+                make_dirs_durably(path.parent)
+                if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
+                    self._folders.clear()
+                self._folders.add(folder)
+            os.fdatasync(incoming.descriptor)
+            os.replace(incoming.slot, path)
+        except BaseException:
+            self._folders.discard(folder)  # removed behind the node's back, perhaps: looked at again
+            self.discard(incoming)  # half written: never offered again
+            raise
+        incoming.close()
+
+    def discard(self, incoming: IncomingFile) -> None:
+        incoming.close()
+        _remove(incoming.slot)
 
     def _take(self) -> str:
         """A file made ahead; the OSError that stopped the maker if none is left."""
