@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,9 +32,17 @@ RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
-# Largest PDU the node reads: far above any real one (DCMTK sends 16 KB to 128 KB), low
-# enough that a corrupt length cannot make the node allocate gigabytes.
-MAX_PDU_LENGTH = 64 * 1024 * 1024
+# The largest P-DATA-TF the node reads, and announces in its A-ASSOCIATE-AC as its Maximum
+# Length Received (PS3.8 D.1), so that every sender, pynetdicom's included, splits data sets
+# into PDUs of at most this. One such PDU is the most an association holds in memory for the
+# protocol itself. 1 MiB: 64 associations hold at most 64 MiB, and a PDU that size costs the
+# reading thread one buffer per 1 MiB of pixels, nothing measurable.
+MAX_PDU_LENGTH = 1024 * 1024
+# The largest A-ASSOCIATE-RQ the node reads. A proposal of all 128 presentation contexts with
+# 40 transfer syntaxes each is about 140 KB; DCMTK's and pynetdicom's are a few KB. It is read
+# before the peer is known to speak DICOM at all, so a header announcing more is refused
+# before anything is allocated for it.
+MAX_ASSOCIATE_RQ_LENGTH = 256 * 1024
 
 _PDU_HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
@@ -53,6 +62,7 @@ class ConnectionClosed(Exception):
 
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
+DEADLINE_SLACK_SECONDS = 1.0
 
 
 def set_timeout(connection: socket.socket, seconds: float) -> None:
@@ -66,26 +76,70 @@ def set_timeout(connection: socket.socket, seconds: float) -> None:
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
-class PduReader:
-    """Reads a connection's PDUs through a buffer. One receive often brings several PDUs (a
-    small C-STORE's command and data set arrive together), and on a socket with a timeout each
-    receive is a poll and a read: four system calls an instance fewer, each of which let
-    another association's thread take the interpreter in between."""
+def _set_receive_timeout(connection: socket.socket, seconds: float) -> None:
+    seconds = max(seconds, 0.001)  # 0 would mean "wait for ever"
+    value = _TIMEVAL.pack(int(seconds), int(seconds % 1 * 1_000_000))
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
 
-    def __init__(self, connection: socket.socket, buffer_size: int = 64 * 1024) -> None:
+
+class PduReader:
+    """Reads a connection's PDUs through a buffer, each within a deadline.
+
+    One receive often brings several PDUs (a small C-STORE's command and data set arrive
+    together), and on a socket with a timeout each receive is a poll and a read: four system
+    calls an instance fewer, each of which let another association's thread take the
+    interpreter in between.
+
+    Two bounds hold whatever the peer sends, however slowly: ``silence`` (the kernel's timeout,
+    `set_timeout`) for a peer that sends nothing, and a deadline for the whole of each PDU,
+    for a peer that trickles. A receive that would outlast the deadline is shortened to it, so
+    a trickling peer is cut off at the deadline (within `DEADLINE_SLACK_SECONDS`), not a
+    silence later; and only then, so that the usual PDU costs no system call more.
+    """
+
+    def __init__(self, connection: socket.socket, buffer_size: int = 64 * 1024, silence: float = 60.0) -> None:
         self.connection = connection
+        self.silence = silence
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # the bytes received and not yet read
+        self._deadline: float | None = None
+        self._shortened = False  # the kernel's timeout is below `silence` for the deadline
 
-    def read_pdu(self) -> tuple[int, bytearray]:
-        """The next PDU as (type, body), its body in a buffer of its own."""
-        kind, length = _PDU_HEADER.unpack(self._read(_PDU_HEADER.size))
-        if kind not in KNOWN_PDU_TYPES:
-            raise ProtocolError(f"unknown PDU type 0x{kind:02x}", UNRECOGNIZED_PDU)
-        if length > MAX_PDU_LENGTH:
-            raise ProtocolError(f"PDU of {length} bytes, more than the {MAX_PDU_LENGTH} the node reads")
-        return kind, self._read(length)
+    def set_silence(self, seconds: float) -> None:
+        """How long a receive waits for a byte (`set_timeout`)."""
+        self.silence = seconds
+        set_timeout(self.connection, seconds)
+
+    def read_pdu(self, max_length: int = MAX_PDU_LENGTH, within: float | None = None,
+                 deadline: float | None = None) -> tuple[int, bytearray]:
+        """The next PDU as (type, body), its body in a buffer of its own.
+
+        The PDU must be whole ``within`` seconds of its first byte (default: ``silence``), or by
+        ``deadline`` (a `time.monotonic` value) where one is given; a PDU whose header announces
+        more than ``max_length`` is refused before anything is allocated for it.
+        """
+        if deadline is None:
+            if self._start == self._end:  # wait for the first byte as long as silence allows
+                self._fill()
+            deadline = time.monotonic() + (self.silence if within is None else within)
+        self._deadline = deadline
+        try:
+            kind, length = _PDU_HEADER.unpack(self._read(_PDU_HEADER.size))
+            if kind not in KNOWN_PDU_TYPES:
+                raise ProtocolError(f"unknown PDU type 0x{kind:02x}", UNRECOGNIZED_PDU)
+            if length > max_length:
+                raise ProtocolError(f"PDU of {length} bytes, more than the {max_length} the node reads here")
+            return kind, self._read(length)
+        finally:
+            self._deadline = None
+            if self._shortened:
+                _set_receive_timeout(self.connection, self.silence)
+                self._shortened = False
+
+    def _fill(self) -> None:
+        received = self._receive(self._view)
+        self._start, self._end = 0, received
 
     def _read(self, size: int) -> bytearray:
         buffered = self._end - self._start
@@ -110,9 +164,19 @@ class PduReader:
         return result
 
     def _receive(self, into: memoryview) -> int:
+        deadline = self._deadline
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("a PDU was not complete by its deadline: the peer sends too slowly")
+            if remaining < self.silence - DEADLINE_SLACK_SECONDS:  # else a wait ends within the slack anyway
+                _set_receive_timeout(self.connection, remaining)
+                self._shortened = True
         try:
             received = self.connection.recv_into(into)
         except BlockingIOError as error:  # the kernel's timeout (`set_timeout`)
+            if self._shortened:
+                raise TimeoutError("a PDU was not complete by its deadline: the peer sends too slowly") from error
             raise TimeoutError(f"nothing received for {self._timeout():.0f} s") from error
         if not received:
             raise ConnectionClosed()

@@ -127,9 +127,9 @@ def test_a_pdu_cut_short_by_the_peer_closing_is_not_returned():
 
 def test_a_silent_peer_times_out_by_the_kernels_timeout():
     sender, receiver = socket.socketpair()
-    ul.set_timeout(receiver, 0.3)
-    assert receiver.gettimeout() is None  # a blocking socket: no poll before each receive
     reader = ul.PduReader(receiver)
+    reader.set_silence(0.3)
+    assert receiver.gettimeout() is None  # a blocking socket: no poll before each receive
     sender.sendall(ul.pdu(ul.P_DATA_TF, b"one")[:4])  # a PDU begun, never finished
     with pytest.raises(TimeoutError, match="nothing received for 0 s"):
         reader.read_pdu()
