@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAccept
@@ -50,18 +51,38 @@ CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 ACCEPT_POLL_SECONDS = 0.2  # how soon the accept loop notices `stop`
+NEGOTIATING_CONNECTIONS = 16
 
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """One C-STORE as received: the data set is the peer's bytes, in ``transfer_syntax``."""
+    """One C-STORE as its command set and presentation context announce it; its data set, in
+    ``transfer_syntax``, follows in parts (`IncomingDataSet`)."""
 
     calling_ae_title: str
     address: str
-    sop_class_uid: str
-    sop_instance_uid: str
+    sop_class_uid: str  # the command's Affected SOP Class UID
+    sop_instance_uid: str  # the command's Affected SOP Instance UID
     transfer_syntax: str
-    dataset: bytes
+    context_sop_class_uid: str = ""  # the presentation context's abstract syntax; "" as the command's
+
+    @property
+    def abstract_syntax(self) -> str:
+        return self.context_sop_class_uid or self.sop_class_uid
+
+
+class IncomingDataSet(Protocol):
+    """Where a C-STORE's data set goes as its fragments arrive, so that the acceptor never
+    holds a whole instance itself."""
+
+    def add(self, fragment: memoryview) -> None:
+        """The next fragment, a view into a PDU that is not reused."""
+
+    def finish(self) -> int:
+        """The data set is whole: store it, and return the C-STORE status to answer."""
+
+    def discard(self) -> None:
+        """The association ended before the data set was whole: forget what arrived."""
 
 
 @dataclass
@@ -73,10 +94,19 @@ class Policy:
     allowed_calling_ae_titles: list[str] = field(default_factory=list)
     allowed_peers: list = field(default_factory=list)  # ipaddress networks
     max_associations: int = 64
-    # ARTIM: a connection that sends no A-ASSOCIATE-RQ, or garbage, holds its slot this long.
+    # ARTIM: a connection whose A-ASSOCIATE-RQ is not whole this long after it connected is
+    # closed, however slowly the peer sends it.
     acse_timeout: float = 10.0
-    # An association silent this long (between or inside messages) is aborted.
+    # An association silent this long (between or inside messages), or whose PDU is not whole
+    # this long after its first byte, is aborted.
     network_timeout: float = 60.0
+
+    @property
+    def max_connections(self) -> int:
+        """Connections held at once: the associations, and a few more that are still
+        negotiating (or being told that the associations are all taken). Beyond, a connection
+        is closed as soon as it is accepted, before anything is read or allocated for it."""
+        return self.max_associations + NEGOTIATING_CONNECTIONS
 
 
 @dataclass(eq=False)
@@ -84,8 +114,14 @@ class _Association:
     connection: socket.socket
     address: str
     port: int
+    connected_at: float = field(default_factory=time.monotonic)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     reader: ul.PduReader = field(init=False)
+    thread: threading.Thread | None = None
+    # A C-STORE whose command set has arrived and whose response is not sent yet: a stop lets
+    # it finish (`Acceptor.stop`).
+    storing: bool = False
+    incoming: IncomingDataSet | None = None
 
     def __post_init__(self) -> None:
         self.reader = ul.PduReader(self.connection)
@@ -116,6 +152,8 @@ _RQ_AE_TITLES = slice(_RQ_CALLED_AE_TITLE.start, _RQ_CALLING_AE_TITLE.stop)
 _AC_AE_TITLES = slice(10, 42)  # in the whole accept PDU: the request's, sent back unchanged
 _RQ_FIXED_FIELDS = 68
 MAX_REMEMBERED_PROPOSALS = 64
+# A C-STORE's command set is some 200 bytes; one of more is no real peer's.
+MAX_COMMAND_SET_LENGTH = 64 * 1024
 
 
 @dataclass
@@ -127,18 +165,20 @@ class _Negotiated:
 
 class Acceptor:
     """Accepts associations on a listening socket shared with other processes, and hands each
-    C-STORE to ``handle_store``, whose return value is the status sent back."""
+    C-STORE to ``begin_store``, whose data set's `IncomingDataSet.finish` gives the status sent
+    back."""
 
     def __init__(self, policy: Policy, contexts: list[PresentationContext],
-                 handle_store: Callable[[StoreRequest], int]) -> None:
+                 begin_store: Callable[[StoreRequest], IncomingDataSet]) -> None:
         self.policy = policy
         self.contexts = contexts
-        self.handle_store = handle_store
-        self._associations: set[_Association] = set()
+        self.begin_store = begin_store
+        self._connections: set[_Association] = set()  # from accept to close
+        self._associations: set[_Association] = set()  # from admission to release
         self._answers: dict[bytes, _ProposalAnswer] = {}  # per proposal: the request less its AE titles
         self._lock = threading.Condition()
-        self._in_flight = 0
         self._stopping = threading.Event()
+        self._cut_off = threading.Event()  # the stop's grace is over
         self._accept_thread: threading.Thread | None = None
 
     def start(self, listening: socket.socket) -> None:
@@ -147,22 +187,41 @@ class Acceptor:
         self._accept_thread.start()
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop accepting, let the C-STOREs in flight finish (up to ``grace_seconds``), then
-        abort the associations that remain."""
+        """Stop accepting; abort the associations between messages at once, and let each
+        C-STORE whose command has arrived finish and be answered (up to ``grace_seconds``),
+        then abort its association too. Returns once no association thread runs, so that
+        nothing is stored after this returns, and nothing half stored is left (a data set not
+        whole at the deadline is discarded)."""
         self._stopping.set()
         if self._accept_thread is not None:
             self._accept_thread.join()
         deadline = time.monotonic() + grace_seconds
         with self._lock:
-            while self._in_flight and time.monotonic() < deadline:
+            idle = [association for association in self._connections if not association.storing]
+        for association in idle:
+            self._hang_up(association)
+        with self._lock:
+            while self._connections and time.monotonic() < deadline:
                 self._lock.wait(timeout=0.5)
-            remaining = list(self._associations)
+            remaining = list(self._connections)
+        self._cut_off.set()
         for association in remaining:
-            try:
-                association.send(ul.abort_pdu(ul.REASON_NOT_SPECIFIED))
-                association.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            log.warning("aborted the association with %s: the receiver stopped before its C-STORE was whole",
+                        association.peer)
+            self._hang_up(association)
+        for association in remaining:
+            if association.thread is not None:
+                association.thread.join()
+
+    def _hang_up(self, association: _Association) -> None:
+        try:
+            association.send(ul.abort_pdu(ul.REASON_NOT_SPECIFIED))
+        except OSError:
+            pass
+        try:
+            association.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _accept_loop(self, listening: socket.socket) -> None:
         while not self._stopping.is_set():
@@ -180,11 +239,22 @@ class Acceptor:
                 log.warning("refused a connection from %s: address not in allowed_peers", address[0])
                 connection.close()
                 continue
+            association = _Association(connection, address[0], address[1])
+            with self._lock:
+                full = len(self._connections) >= self.policy.max_connections
+                if not full:
+                    self._connections.add(association)
+            if full:
+                log.warning("closed a connection from %s at once: already %d connections (max_associations = %d "
+                            "and %d more negotiating)", association.peer, self.policy.max_connections,
+                            self.policy.max_associations, NEGOTIATING_CONNECTIONS)
+                connection.close()
+                continue
             connection.setblocking(True)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            association = _Association(connection, address[0], address[1])
-            threading.Thread(target=self._serve, args=(association,), name=f"association {association.peer}",
-                             daemon=True).start()
+            association.thread = threading.Thread(target=self._serve, args=(association,),
+                                                  name=f"association {association.peer}", daemon=True)
+            association.thread.start()
 
     def _peer_allowed(self, address: str) -> bool:
         if not self.policy.allowed_peers:
@@ -195,16 +265,16 @@ class Acceptor:
     def _serve(self, association: _Association) -> None:
         connection = association.connection
         try:
-            ul.set_timeout(connection, self.policy.acse_timeout)
+            association.reader.set_silence(self.policy.acse_timeout)
             try:
                 negotiated = self._negotiate(association)
             except TimeoutError:
-                log.warning("closed the connection from %s: no association request within %.0f s (ARTIM)",
+                log.warning("closed the connection from %s: no whole association request within %.0f s (ARTIM)",
                             association.peer, self.policy.acse_timeout)
                 return
             if negotiated is None:
                 return
-            ul.set_timeout(connection, self.policy.network_timeout)
+            association.reader.set_silence(self.policy.network_timeout)
             self._exchange(association, negotiated)
         except ul.ConnectionClosed:
             pass
@@ -221,8 +291,14 @@ class Acceptor:
             log.exception("aborted the association with %s after an unexpected error", association.peer)
             self._abort(association, ul.REASON_NOT_SPECIFIED)
         finally:
-            self._forget(association)  # counted from admission on (see _admit)
+            if association.incoming is not None:  # the association ended inside a data set
+                association.incoming.discard()
+                association.incoming = None
             connection.close()
+            with self._lock:
+                self._associations.discard(association)
+                self._connections.discard(association)
+                self._lock.notify_all()
 
     def _forget(self, association: _Association) -> None:
         with self._lock:
@@ -236,7 +312,8 @@ class Acceptor:
 
     def _negotiate(self, association: _Association) -> _Negotiated | None:
         """Read the A-ASSOCIATE-RQ and answer it: AC with the negotiated contexts, or RJ."""
-        kind, body = association.reader.read_pdu()
+        kind, body = association.reader.read_pdu(
+            ul.MAX_ASSOCIATE_RQ_LENGTH, deadline=association.connected_at + self.policy.acse_timeout)
         if kind != ul.A_ASSOCIATE_RQ:
             raise ul.ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}", ul.UNEXPECTED_PDU)
         if len(body) < _RQ_FIXED_FIELDS:
@@ -287,7 +364,7 @@ class Acceptor:
         accept.result, accept.result_source = 0x00, 0x01
         accept.presentation_context_definition_results_list = results
         maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = 0  # no limit: the peer sends fewer, larger PDUs
+        maximum.maximum_length_received = ul.MAX_PDU_LENGTH  # what `PduReader` takes
         implementation = ImplementationClassUIDNotification()
         implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
         version = ImplementationVersionNameNotification()
@@ -322,9 +399,9 @@ class Acceptor:
 
     def _exchange(self, association: _Association, negotiated: _Negotiated) -> None:
         """Messages until the peer releases or aborts: each command set, with its data set if it
-        has one, is answered before the next PDU is read."""
+        has one, is answered before the next PDU is read. A data set goes to its
+        `IncomingDataSet` fragment by fragment, as it arrives."""
         command_parts: list[memoryview] = []
-        data_parts: list[memoryview] = []
         command: dict[int, bytes] | None = None
         context_id = 0
         while True:
@@ -344,55 +421,68 @@ class Acceptor:
                     if command is not None:
                         raise ul.ProtocolError("a command set arrived before the previous one's data set")
                     command_parts.append(value.data)
+                    if sum(len(part) for part in command_parts) > MAX_COMMAND_SET_LENGTH:
+                        raise ul.ProtocolError(f"a command set of more than {MAX_COMMAND_SET_LENGTH} bytes")
                     if value.is_last:
                         command, context_id = ul.read_command(b"".join(command_parts)), value.context_id
                         command_parts = []
                         if ul.command_us(command, ul.COMMAND_DATA_SET_TYPE) == ul.NO_DATA_SET:
                             self._answer(association, negotiated, context_id, command, None)
                             command = None
+                        else:
+                            self._begin(association, negotiated, context_id, command)
                 else:
                     if command is None or value.context_id != context_id:
                         raise ul.ProtocolError("a data set arrived without its command set")
-                    data_parts.append(value.data)
+                    if association.incoming is not None:
+                        association.incoming.add(value.data)
                     if value.is_last:
-                        dataset = b"".join(data_parts)
-                        data_parts = []
-                        self._answer(association, negotiated, context_id, command, dataset)
+                        self._answer(association, negotiated, context_id, command, association.incoming)
                         command = None
+                if self._stopping.is_set() and not association.storing:
+                    raise ul.ProtocolError("the receiver is stopping: answered, and nothing more is taken",
+                                           ul.REASON_NOT_SPECIFIED)
+
+    def _begin(self, association: _Association, negotiated: _Negotiated, context_id: int,
+               command: dict[int, bytes]) -> None:
+        """A command set with a data set to follow: a C-STORE's goes to ``begin_store``; any
+        other's is read and dropped."""
+        if ul.command_us(command, ul.COMMAND_FIELD) != ul.C_STORE_RQ:
+            return
+        abstract_syntax, transfer_syntax = negotiated.contexts[context_id]
+        request = StoreRequest(
+            calling_ae_title=negotiated.calling_ae_title,
+            address=association.address,
+            sop_class_uid=ul.command_uid(command, ul.AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid=ul.command_uid(command, ul.AFFECTED_SOP_INSTANCE_UID),
+            transfer_syntax=transfer_syntax,
+            context_sop_class_uid=abstract_syntax,
+        )
+        with self._lock:
+            association.storing = True
+        association.incoming = self.begin_store(request)
 
     def _answer(self, association: _Association, negotiated: _Negotiated, context_id: int,
-                command: dict[int, bytes], dataset: bytes | None) -> None:
+                command: dict[int, bytes], incoming: IncomingDataSet | None) -> None:
         operation = ul.command_us(command, ul.COMMAND_FIELD)
         if operation is None or operation & ul.RESPONSE_BIT or operation == ul.C_CANCEL_RQ:
             return  # nothing to answer: the node sends no requests, and stores are never pending
         if operation == ul.C_ECHO_RQ:
             status = SUCCESS
-        elif operation == ul.C_STORE_RQ and dataset is not None:
-            abstract_syntax, transfer_syntax = negotiated.contexts[context_id]
-            request = StoreRequest(
-                calling_ae_title=negotiated.calling_ae_title,
-                address=association.address,
-                sop_class_uid=ul.command_uid(command, ul.AFFECTED_SOP_CLASS_UID) or abstract_syntax,
-                sop_instance_uid=ul.command_uid(command, ul.AFFECTED_SOP_INSTANCE_UID),
-                transfer_syntax=transfer_syntax,
-                dataset=dataset,
-            )
-            status = self._store(request)
+        elif operation == ul.C_STORE_RQ and incoming is not None:
+            association.incoming = None
+            if self._cut_off.is_set():  # too late: `stop` has hung up, nothing is stored now
+                incoming.discard()
+                raise ul.ConnectionClosed()
+            status = incoming.finish()
         else:
             log.warning("answered command 0x%04x from %s as unrecognized: the node only takes C-ECHO and C-STORE",
                         operation, association.peer)
             status = ul.UNRECOGNIZED_OPERATION
         association.send(*ul.p_data_pdus(context_id, ul.response_command(command, status), negotiated.peer_max_pdu))
-
-    def _store(self, request: StoreRequest) -> int:
-        with self._lock:
-            self._in_flight += 1
-        try:
-            return self.handle_store(request)
-        finally:
+        if association.storing:
             with self._lock:
-                self._in_flight -= 1
-                self._lock.notify_all()
+                association.storing = False
 
 
 def _ae_titles(body: bytearray) -> tuple[str, str]:

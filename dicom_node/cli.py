@@ -10,14 +10,22 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import __version__
+from .printable import printable
+
+
+class PrintableFormatter(logging.Formatter):
+    """Every log line is one line of printable text, whatever a peer put in the values it
+    names (`printable`); a traceback keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # pynetdicom and highdicom narrate every PDU and module at INFO; operators need our lines.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -66,7 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.config)
     from . import db
 
+    database = config.database_path
+    if not database.exists():
+        print(f"dicom-node: no node database at {database}: is data_dir in {args.config} the node's? "
+              "(`dicom-node serve` creates it)", file=sys.stderr)
+        return 2
     engine = db.connect(config.database_url)
+    named = getattr(args, "studies", None) or ([args.study] if args.command == "explain" else [])
+    unknown = db.unknown_studies(engine, named)
+    if unknown:
+        print("dicom-node: no study received with the Study Instance UID " +
+              ", ".join(printable(uid) for uid in unknown), file=sys.stderr)
+        return 1
     if args.command == "retry":
         from .jobs import requeue_failed
 

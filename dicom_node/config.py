@@ -58,6 +58,19 @@ class NodeSettings(Strict):
     max_associations: int = Field(
         64, ge=1, le=1000, description="Concurrent associations accepted; more are rejected (A-ASSOCIATE-RJ)."
     )
+    max_instance_mb: float = Field(
+        2048, gt=0,
+        description="Largest instance (data set as received) a C-STORE may carry; a larger one is read to its end, "
+        "not kept, and answered Out of Resources.",
+    )
+    acse_timeout: float = Field(
+        10.0, gt=0, le=600,
+        description="Seconds a new connection has to send its whole A-ASSOCIATE-RQ (ARTIM), however slowly.",
+    )
+    network_timeout: float = Field(
+        60.0, gt=0, le=3600,
+        description="Seconds an association may be silent, and that each PDU may take from its first byte to its last.",
+    )
     max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
     model_memory_mb: float = Field(
         8192, gt=0, description="Loaded models a worker keeps warm, at most this many MB of weights."
@@ -185,8 +198,13 @@ class Config(Strict):
         return 900 + 10 * self.pipelines.index(pipeline)
 
     @property
+    def database_path(self) -> Path:
+        """The embedded database's file."""
+        return self.node.data_dir / "dicom-node.sqlite"
+
+    @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.node.data_dir / 'dicom-node.sqlite'}"
+        return f"sqlite:///{self.database_path}"
 
 
 def _resolve(base: Path, path: Path) -> Path:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    select,
 )
 
 metadata = MetaData()
@@ -169,6 +170,15 @@ def reading(engine: Engine) -> Connection:
     mode it runs beside the writer instead of queueing for the write lock as every
     transaction here does (BEGIN IMMEDIATE). For the polls and look-ups on hot paths."""
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def unknown_studies(engine: Engine, study_uids: list[str]) -> list[str]:
+    """Those of ``study_uids`` that no instance was ever received for."""
+    if not study_uids:
+        return []
+    with engine.connect() as connection:
+        known = set(connection.execute(select(studies.c.study_uid).where(studies.c.study_uid.in_(study_uids))).scalars())
+    return [uid for uid in study_uids if uid not in known]
 
 
 def connect(url: str) -> Engine:

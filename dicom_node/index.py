@@ -91,10 +91,10 @@ def content_digest(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def instance_row(header: InstanceHeader, path: Path, content: bytes, transfer_syntax: str,
-                 calling_ae: str | None, received_at: float, digest: str | None = None) -> dict:
-    """The instances row of a stored file; ``content`` is the file's bytes, meta header included,
-    and ``digest`` its `content_digest` where the caller has already computed it."""
+def instance_row(header: InstanceHeader, path: Path, size: int, digest: str, transfer_syntax: str,
+                 calling_ae: str | None, received_at: float) -> dict:
+    """The instances row of a stored file of ``size`` bytes, meta header included, whose
+    `content_digest` is ``digest``."""
     return {
         "sop_instance_uid": header.sop_instance_uid,
         "series_uid": header.series_uid,
@@ -102,8 +102,8 @@ def instance_row(header: InstanceHeader, path: Path, content: bytes, transfer_sy
         "sop_class_uid": header.sop_class_uid,
         "transfer_syntax_uid": transfer_syntax,
         "path": str(path),
-        "size": len(content),
-        "sha256": digest or content_digest(content),
+        "size": size,
+        "sha256": digest,
         "calling_ae": calling_ae,
         "received_at": received_at,
     }
@@ -121,7 +121,7 @@ def _insert(table, conflict: str, update: bool) -> TextClause:
     )
 
 
-_DIGEST = text("SELECT sha256 FROM instances WHERE sop_instance_uid = :sop_instance_uid")
+_STORED = text("SELECT sha256, study_uid, path FROM instances WHERE sop_instance_uid = :sop_instance_uid")
 _STUDY_STATE = text("SELECT state FROM studies WHERE study_uid = :study_uid")
 _NEW_STUDY = text(
     "INSERT INTO studies (study_uid, patient_id, patient_name, accession_number, study_date, study_description, "
@@ -135,8 +135,28 @@ _STILL_RECEIVING = text(
     "UPDATE studies SET last_received_at = :received_at WHERE study_uid = :study_uid AND state = 'receiving'"
 )
 _EVENT = text("INSERT INTO events (at, study_uid, level, message) VALUES (:at, :study_uid, :level, :message)")
+_STUDY_EXISTS = text("SELECT 1 FROM studies WHERE study_uid = :study_uid")
 _SERIES = _insert(db.series, "series_uid", update=False)
 _INSTANCE = _insert(db.instances, "sop_instance_uid", update=True)
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """The stored instance that a new version with the same SOP Instance UID replaced."""
+
+    study_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one stored file changed."""
+
+    new: bool  # False: the same instance again, nothing recorded
+    replaced: Replaced | None = None
+
+
+UNCHANGED, ADDED = Recorded(new=False), Recorded(new=True)
 
 
 class InstanceIndex:
@@ -146,23 +166,29 @@ class InstanceIndex:
     def __init__(self, connection: DriverConnection, late_arrivals: str) -> None:
         self.late_arrivals = late_arrivals
         prepare = connection.prepare
-        self._digest, self._study_state, self._new_study = prepare(_DIGEST), prepare(_STUDY_STATE), prepare(_NEW_STUDY)
+        self._stored, self._study_exists = prepare(_STORED), prepare(_STUDY_EXISTS)
+        self._study_state, self._new_study = prepare(_STUDY_STATE), prepare(_NEW_STUDY)
         self._study_receiving, self._still_receiving = prepare(_STUDY_RECEIVING), prepare(_STILL_RECEIVING)
         self._event, self._series, self._instance = prepare(_EVENT), prepare(_SERIES), prepare(_INSTANCE)
 
-    def record(self, cursor: Any, header: InstanceHeader, instance: dict) -> bool:
+    def record(self, cursor: Any, header: InstanceHeader, instance: dict) -> Recorded:
         """Study, series and instance rows for one stored file, in the transaction of ``cursor``
-        (`DriverConnection.transaction`); False, with nothing changed, for a repeat of the
-        stored instance (same SHA-256).
+        (`DriverConnection.transaction`); nothing changes for a repeat of the stored instance
+        (same SHA-256).
+
+        An instance with the SOP Instance UID of a stored one but other content is the newer
+        version of it: its row replaces the old one, an event says so in its study and, where it
+        moved, in the old one too, and the old file is named in the outcome for the caller to
+        remove once this transaction is committed (`Recorded.replaced`).
 
         A study that was complete is re-opened by a new instance (``late_arrivals =
         "reprocess"``) or keeps its state (``"ignore"``); either way the instance is indexed and
         the event logged. The usual case, an instance of a study still receiving, takes one
         statement for the study.
         """
-        stored = self._digest.run(cursor, {"sop_instance_uid": header.sop_instance_uid}).fetchone()
+        stored = self._stored.run(cursor, {"sop_instance_uid": header.sop_instance_uid}).fetchone()
         if stored is not None and stored[0] == instance["sha256"]:
-            return False
+            return UNCHANGED
         received_at = instance["received_at"]
         study_uid = header.study_uid
         if self._still_receiving.run(cursor, {"study_uid": study_uid, "received_at": received_at}).rowcount == 0:
@@ -179,8 +205,25 @@ class InstanceIndex:
         if header.series is not None:
             self._series.run(cursor, {"series_uid": header.series_uid, "study_uid": study_uid, **header.series})
         self._instance.run(cursor, instance)
-        return True
+        if stored is None:
+            return ADDED
+        replaced = Replaced(study_uid=stored[1], path=stored[2])
+        self._replaced(cursor, header, replaced)
+        return Recorded(new=True, replaced=replaced)
 
-    def _log(self, cursor: Any, study_uid: str, message: str) -> None:
+    def _replaced(self, cursor: Any, header: InstanceHeader, replaced: Replaced) -> None:
+        uid = header.sop_instance_uid
+        if replaced.study_uid == header.study_uid:
+            self._log(cursor, header.study_uid, f"instance {uid} received again with other content: the new "
+                                                "version replaces the stored one", "warning")
+            return
+        self._log(cursor, header.study_uid, f"instance {uid} received again with other content, here: it was in "
+                                            f"study {replaced.study_uid}, and the new version replaces it",
+                  "warning")
+        if self._study_exists.run(cursor, {"study_uid": replaced.study_uid}).fetchone() is not None:
+            self._log(cursor, replaced.study_uid, f"instance {uid} received again in study {header.study_uid}: "
+                                                  "removed from this study", "warning")
+
+    def _log(self, cursor: Any, study_uid: str, message: str, level: str = "info") -> None:
         """As `db.log_event`, in this transaction."""
-        self._event.run(cursor, {"at": db.now(), "study_uid": study_uid, "level": "info", "message": message})
+        self._event.run(cursor, {"at": db.now(), "study_uid": study_uid, "level": level, "message": message})

@@ -13,17 +13,22 @@ node's settings and the C-STORE handler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
+import mmap
 import os
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, UID_dictionary
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
@@ -33,17 +38,20 @@ from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
 from .driver_sql import DriverConnection
 from .group_commit import GroupCommit
-from .index import InstanceHeader, InstanceIndex, content_digest, described, header_of, instance_row
+from .index import InstanceHeader, InstanceIndex, Recorded, Replaced, content_digest, described, header_of, instance_row
+from .printable import printable
+from .structure import TooLarge, check_structure, inflate
 from .upper_layer import file_preamble_and_meta
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-# Failure statuses of the Storage Service Class (PS3.4 B.2.3).
+# Failure statuses of the Storage Service Class (PS3.4 B.2.3) and of DIMSE (PS3.7 C).
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 # Every transfer syntax pynetdicom knows. Where a peer offers several in one context, the first
 # of this list wins: explicit VR keeps the value representations the sender wrote.
@@ -57,6 +65,11 @@ MAX_REMEMBERED_SERIES = 10_000  # series a receiver remembers as indexed; forget
 # SHA-256 off the path to its Success: 264 against 219 images a second on one association,
 # medians of six alternating runs. Below it, handing the work over costs more than it saves.
 DIGEST_ASIDE_BYTES = 64 * 1024
+# The most of one instance an association holds in memory (`IncomingInstance`).
+SPILL_BYTES = 4 * 1024 * 1024
+# The most a Deflated data set may inflate to: it is inflated in memory to be checked.
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
+LAST_INDEXED_TAG = 0x0020FFFF  # the index reads UIDs and values of groups 0008 to 0020 only
 
 
 def storage_sop_classes() -> list[str]:
@@ -92,6 +105,7 @@ class Receiver:
         self.config = config
         self.engine = engine
         self.acceptor: Acceptor | None = None
+        self.max_instance_bytes = int(config.node.max_instance_mb * 1024 * 1024)
         # (study, series) whose rows this process has committed. Rows are never deleted, so
         # another instance of the pair needs neither row again, nor the values they hold.
         self._indexed_series: set[tuple[str, str]] = set()
@@ -103,34 +117,53 @@ class Receiver:
         self._index = GroupCommit(self._connection.transaction, self._record)
         self._digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
-    def handle_store(self, request: StoreRequest) -> int:
-        peer = f"{request.calling_ae_title}@{request.address}"
-        named = request.sop_instance_uid or "an instance without SOP Instance UID"
+    def begin_store(self, request: StoreRequest) -> IncomingInstance:
+        """Where the data set of the C-STORE ``request`` goes as it arrives (`Acceptor`)."""
+        return IncomingInstance(self, request)
+
+    def store(self, request: StoreRequest, dataset: bytes) -> int:
+        """Store a data set received whole, and return the C-STORE status."""
+        incoming = self.begin_store(request)
+        incoming.add(memoryview(dataset))
+        return incoming.finish()
+
+    def _finish(self, incoming: IncomingInstance) -> int:
+        request = incoming.request
+        peer = printable(f"{request.calling_ae_title}@{request.address}")
+        named = printable(request.sop_instance_uid or "an instance without Affected SOP Instance UID")
+        if incoming.too_large:
+            log.warning("refused %s from %s: its data set is %d bytes, more than max_instance_mb = %g",
+                        named, peer, incoming.size, self.config.node.max_instance_mb)
+            return OUT_OF_RESOURCES
+        if incoming.failure is not None:
+            log.error("could not store %s from %s: %s", named, peer, incoming.failure)
+            return OUT_OF_RESOURCES
+        implicit_vr, little_endian, deflated = _encoding(request.transfer_syntax)
         try:
-            dataset = _parse(request)
-            header = header_of(dataset)
-            if header is not None and (header.study_uid, header.series_uid) not in self._indexed_series:
-                header = described(header, dataset)
+            with incoming.data_set() as data:
+                plain = inflate(data, MAX_INFLATED_BYTES) if deflated else data
+                check_structure(plain, implicit_vr, little_endian)
+                dataset = _parse(plain, implicit_vr, little_endian)
+                header = header_of(dataset)
+                if header is not None and (header.study_uid, header.series_uid) not in self._indexed_series:
+                    header = described(header, dataset)
+        except TooLarge as error:
+            log.warning("refused %s from %s: %s (the node inflates at most %d bytes)", named, peer, error,
+                        MAX_INFLATED_BYTES)
+            return OUT_OF_RESOURCES
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
-            log.warning("refused %s from %s: cannot parse the dataset (%s)", named, peer, error)
+            log.warning("refused %s from %s: the data set is not well formed (%s)", named, peer, error)
             return CANNOT_UNDERSTAND
-        if header is None:
-            log.warning("refused %s from %s: SOP Class/Instance, Study or Series UID missing or invalid", named, peer)
-            return CANNOT_UNDERSTAND
-        if header.sop_class_uid != request.sop_class_uid:
-            log.warning(
-                "refused %s from %s: dataset SOP class %s is not the negotiated %s",
-                header.sop_instance_uid,
-                peer,
-                header.sop_class_uid,
-                request.sop_class_uid,
-            )
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        refusal = self._refusal(request, header)
+        if refusal is not None:
+            status, why = refusal
+            log.warning("refused %s from %s: %s", named, peer, printable(why))
+            return status
         free_mb = _free_mb(self.config.node.data_dir)
         if free_mb < self.config.node.min_free_disk_mb:
             log.error(
                 "refused %s from %s: %.0f MB free under %s, below min_free_disk_mb = %g",
-                header.sop_instance_uid,
+                named,
                 peer,
                 free_mb,
                 self.config.node.data_dir,
@@ -138,38 +171,86 @@ class Receiver:
             )
             return OUT_OF_RESOURCES
         try:
-            self._store(request, header)
+            recorded = incoming.keep(header)
         except OSError as error:
-            log.error("could not store %s from %s: %s", header.sop_instance_uid, peer, error)
+            log.error("could not store %s from %s: %s", named, peer, error)
             return OUT_OF_RESOURCES
         except Exception:
-            log.exception("could not store %s from %s", header.sop_instance_uid, peer)
+            log.exception("could not store %s from %s", named, peer)
             return PROCESSING_FAILURE
+        if recorded.replaced is not None:
+            self._replaced(header, recorded.replaced, peer)
         return SUCCESS
 
-    def _store(self, request: StoreRequest, header: InstanceHeader) -> None:
+    @staticmethod
+    def _refusal(request: StoreRequest, header: InstanceHeader | None) -> tuple[int, str] | None:
+        """The status and reason for a data set whose UIDs are missing, or do not agree with its
+        command and its presentation context (the file meta would contradict the data set)."""
+        if header is None:
+            return CANNOT_UNDERSTAND, "SOP Class/Instance, Study or Series UID missing or not a valid UID"
+        if request.sop_class_uid != request.abstract_syntax:
+            return SOP_CLASS_NOT_SUPPORTED, (f"the command's SOP class {request.sop_class_uid} is not the presentation "
+                                             f"context's {request.abstract_syntax}")
+        if header.sop_class_uid != request.abstract_syntax:
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, (f"dataset SOP class {header.sop_class_uid} is not the "
+                                                      f"negotiated {request.abstract_syntax}")
+        if header.sop_instance_uid != request.sop_instance_uid:
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, (f"dataset SOP Instance UID {header.sop_instance_uid} is not "
+                                                      f"the command's {request.sop_instance_uid}")
+        return None
+
+    def _replaced(self, header: InstanceHeader, replaced: Replaced, peer: str) -> None:
+        """Keep the newest version of an instance, and only it (`InstanceIndex.record`)."""
+        new_path = str(self._path(header))
+        if replaced.path != new_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(replaced.path)
+        if replaced.study_uid != header.study_uid:
+            log.warning("instance %s from %s, stored in study %s, came again in study %s: the new version replaces "
+                        "the old, whose file is removed", header.sop_instance_uid, peer, replaced.study_uid,
+                        header.study_uid)
+        else:
+            log.warning("instance %s from %s came again with other content: the new version replaces the old",
+                        header.sop_instance_uid, peer)
+
+    def _path(self, header: InstanceHeader) -> Path:
+        return store.instance_path(self.config.node.data_dir, header.study_uid, header.series_uid,
+                                   header.sop_instance_uid)
+
+    def _keep_in_memory(self, request: StoreRequest, header: InstanceHeader, dataset) -> Recorded:
         """File first, then the rows (`_record`, group-committed). A repeat of a stored instance
         is written again (the same bytes under the same name) and recognised by its digest
         inside the index transaction, which then changes nothing: one transaction per instance
         instead of a look-up and a transaction."""
         meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
-        content = meta + request.dataset
-        path = store.instance_path(
-            self.config.node.data_dir, header.study_uid, header.series_uid, header.sop_instance_uid
-        )
+        content = meta + dataset
+        path = self._path(header)
         digesting = self._digests.submit(content_digest, content) if len(content) >= DIGEST_ASIDE_BYTES else None
         self._files.write(path, content)
-        instance = instance_row(header, path, content, request.transfer_syntax, request.calling_ae_title, db.now(),
-                                digesting.result() if digesting is not None else None)
-        if not self._index((header, instance)):
-            return  # the same instance again, unchanged: nothing was recorded
-        if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
-            self._indexed_series.clear()
-        self._indexed_series.add((header.study_uid, header.series_uid))
+        digest = digesting.result() if digesting is not None else content_digest(content)
+        return self._indexed(request, header, path, len(content), digest)
 
-    def _record(self, cursor, indexed: tuple[InstanceHeader, dict]) -> bool:
+    def _keep_file(self, request: StoreRequest, header: InstanceHeader, incoming: store.IncomingFile,
+                   digest: str) -> Recorded:
+        """As `_keep_in_memory`, for a data set already written to a file of the incoming folder."""
+        path = self._path(header)
+        self._files.keep(incoming, path)
+        return self._indexed(request, header, path, incoming.size, digest)
+
+    def _indexed(self, request: StoreRequest, header: InstanceHeader, path: Path, size: int,
+                 digest: str) -> Recorded:
+        instance = instance_row(header, path, size, digest, request.transfer_syntax, request.calling_ae_title,
+                                db.now())
+        recorded = self._index((header, instance))
+        if recorded.new:
+            if len(self._indexed_series) >= MAX_REMEMBERED_SERIES:
+                self._indexed_series.clear()
+            self._indexed_series.add((header.study_uid, header.series_uid))
+        return recorded
+
+    def _record(self, cursor, indexed: tuple[InstanceHeader, dict]) -> Recorded:
         """The rows of one stored file, in a transaction shared with the instances stored at
-        the same moment; False for a repeat of the stored instance, which changes nothing."""
+        the same moment."""
         header, instance = indexed
         return self._instances.record(cursor, header, instance)
 
@@ -186,10 +267,12 @@ class Receiver:
             allowed_calling_ae_titles=list(node.allowed_calling_ae_titles),
             allowed_peers=list(node.allowed_peers),
             max_associations=max_associations,
+            acse_timeout=node.acse_timeout,
+            network_timeout=node.network_timeout,
         )
         contexts = [_context(sop_class) for sop_class in [Verification, *storage_sop_classes()]]
         log.info("receiver process %d serving up to %d associations", os.getpid(), max_associations)
-        self.acceptor = Acceptor(policy, contexts, self.handle_store)
+        self.acceptor = Acceptor(policy, contexts, self.begin_store)
         self.acceptor.start(listening)
         return self.acceptor
 
@@ -202,6 +285,98 @@ class Receiver:
         self._digests.shutdown()
 
 
+class IncomingInstance:
+    """One C-STORE's data set as it arrives (`acceptor.IncomingDataSet`).
+
+    Up to `SPILL_BYTES` it is held in memory, as the PDUs brought it, and written whole once
+    checked: most instances are a few hundred KB, and one write is their fastest path. A larger
+    one is written to a file of the incoming folder as it arrives, its digest computed on the
+    way, and checked there through a memory map: an association never holds more than
+    `SPILL_BYTES` of an instance, however large it is. Past ``max_instance_mb``, what arrives is
+    counted and dropped, and the C-STORE answered Out of Resources.
+    """
+
+    def __init__(self, receiver: Receiver, request: StoreRequest) -> None:
+        self.receiver = receiver
+        self.request = request
+        self.size = 0
+        self.too_large = False
+        self.failure: OSError | None = None  # the file could not be written
+        self._parts: list[memoryview | bytes] = []
+        self._file: store.IncomingFile | None = None
+        self._meta_length = 0
+        self._hash = None
+
+    def add(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        if self.too_large or self.failure is not None:
+            return
+        if self.size > self.receiver.max_instance_bytes:
+            self.too_large = True
+            self.discard()
+            return
+        try:
+            if self._file is not None:
+                self._file.write(fragment)
+                self._hash.update(fragment)
+                return
+            self._parts.append(fragment)
+            if self.size > SPILL_BYTES:
+                self._spill()
+        except OSError as error:
+            self.failure = error
+            self.discard()
+
+    def _spill(self) -> None:
+        request = self.request
+        meta = file_preamble_and_meta(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax)
+        self._file = self.receiver._files.open()
+        self._meta_length = len(meta)
+        self._hash = hashlib.sha256(meta)
+        self._file.write(meta)
+        for part in self._parts:
+            self._file.write(part)
+            self._hash.update(part)
+        self._parts = []
+
+    def finish(self) -> int:
+        try:
+            return self.receiver._finish(self)
+        finally:
+            self.discard()  # whatever was not kept
+
+    @contextlib.contextmanager
+    def data_set(self) -> Iterator[bytes | memoryview]:
+        """The data set as received: in memory, or mapped from its file."""
+        if self._file is None:
+            if len(self._parts) != 1 or not isinstance(self._parts[0], bytes):
+                self._parts = [b"".join(self._parts)]  # joined once, for the checks and the write
+            yield self._parts[0]
+            return
+        with mmap.mmap(self._file.descriptor, 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            data_set = view[self._meta_length:]
+            try:
+                yield data_set
+            finally:  # every view released, or the map cannot close
+                data_set.release()
+                view.release()
+
+    def keep(self, header: InstanceHeader) -> Recorded:
+        """Store the checked data set under its UIDs and index it."""
+        receiver = self.receiver
+        if self._file is None:
+            return receiver._keep_in_memory(self.request, header, b"".join(self._parts))  # joined: one part
+        incoming, self._file = self._file, None
+        return receiver._keep_file(self.request, header, incoming, self._hash.hexdigest())
+
+    def discard(self) -> None:
+        self._parts = []
+        if self._file is not None:
+            incoming, self._file = self._file, None
+            self.receiver._files.discard(incoming)
+
+
 def _context(abstract_syntax: str) -> PresentationContext:
     context = PresentationContext()
     context.abstract_syntax = abstract_syntax
@@ -209,9 +384,39 @@ def _context(abstract_syntax: str) -> PresentationContext:
     return context
 
 
-def _parse(request: StoreRequest) -> Dataset:
-    """The data set as pydicom reads it: every element's bytes located, values decoded lazily."""
-    return decode(BytesIO(request.dataset), *_encoding(request.transfer_syntax))
+def _parse(data, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """The elements up to group 0020 (every UID and value the index keeps), as pydicom reads
+    them: each element's bytes located, values decoded lazily. The rest was walked by
+    `check_structure`; reading it again here would only copy the pixels."""
+    source = BytesIO(data) if isinstance(data, bytes) else _ViewReader(data)
+    return read_dataset(source, implicit_vr, little_endian, stop_when=_past_the_index_values)
+
+
+class _ViewReader:
+    """A buffer read as a file, without the copy that BytesIO makes of anything but bytes: a
+    memory-mapped instance of a gigabyte is read only where pydicom reads."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self.view) if size is None or size < 0 else min(self.position + size, len(self.view))
+        data = bytes(self.view[self.position:end])
+        self.position = end
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: len(self.view)}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _past_the_index_values(tag, _vr, _length) -> bool:
+    return tag > LAST_INDEXED_TAG
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from sqlalchemy import Engine, text
 from . import db, store
 from .config import Config
 from .driver_sql import DriverConnection
-from .index import InstanceHeader, InstanceIndex, described, header_of, instance_row
+from .index import InstanceHeader, InstanceIndex, content_digest, described, header_of, instance_row
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _index(config: Config, engine: Engine) -> Iterator[Callable[[list[tuple[Inst
         if not rows:
             return 0
         with connection.transaction() as cursor:
-            return sum(instances.record(cursor, header, instance) for header, instance in rows)
+            return sum(instances.record(cursor, header, instance).new for header, instance in rows)
 
     try:
         yield record
@@ -179,5 +179,6 @@ def _cut_short(content: bytes, dataset: Dataset) -> bool:
 def _rows(path: Path, content: bytes, dataset: Dataset, header: InstanceHeader) -> tuple[InstanceHeader, dict]:
     """The header, with study and series values, and the instances row of a stored file."""
     transfer_syntax = str(dataset.file_meta.TransferSyntaxUID)
-    row = instance_row(header, path, content, transfer_syntax, None, path.stat().st_mtime)
+    row = instance_row(header, path, len(content), content_digest(content), transfer_syntax, None,
+                       path.stat().st_mtime)
     return described(header, dataset), row

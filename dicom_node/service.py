@@ -146,19 +146,22 @@ def _listen_when_free(host: str, port: int) -> socket.socket:
     """Bind the DICOM port, waiting a little if it is taken: after a crash, the old node's
     receivers let go of it only once they have finished the stores in flight."""
     deadline = time.monotonic() + PORT_WAIT_SECONDS
+    waiting = False
     while True:
         try:
             return listening_socket(host, port)
         except OSError as error:
             if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
-            log.warning("port %d is in use; waiting for it to be released", port)
+            if not waiting:
+                log.warning("port %d is in use; waiting up to %.0f s for it to be released (a node that was "
+                            "stopped finishes its stores first)", port, PORT_WAIT_SECONDS)
+                waiting = True
             time.sleep(0.5)
 
 
 def serve(config_path: Path) -> int:
     config: Config = load_config(config_path)
-    engine = db.connect(config.database_url)
     stop = threading.Event()
     context = multiprocessing.get_context("spawn")
 
@@ -174,6 +177,7 @@ def serve(config_path: Path) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
         return 1
+    engine = db.connect(config.database_url)
     # Before any receiver runs: instances whose rename or index rows a crash took are put back.
     recover_incoming(config, engine)
     reindex_after_boot(config, engine, current_boot())

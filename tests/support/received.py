@@ -32,9 +32,8 @@ def stored_by_receiver(workdir: Path, images: Iterable[Dataset], stable_after: f
     receiver = Receiver(config, engine)
     try:
         for ds in images:
-            request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID,
-                                   ExplicitVRLittleEndian, dataset_bytes(ds))
-            assert receiver.handle_store(request) == 0, f"{ds.SOPInstanceUID} was not stored"
+            request = StoreRequest("MODALITY", "127.0.0.1", ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian)
+            assert receiver.store(request, dataset_bytes(ds)) == 0, f"{ds.SOPInstanceUID} was not stored"
     finally:
         receiver.stop()
     return config, engine
