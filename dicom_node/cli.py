@@ -17,7 +17,7 @@ class PrintableFormatter(logging.Formatter):
     """Every log line is one line of printable text, whatever a peer put in the values it
     names (`printable`); a traceback keeps its own lines."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(record.message)
         return super().formatMessage(record)
 

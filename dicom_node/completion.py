@@ -22,6 +22,7 @@ from sqlalchemy import Engine, select, update
 
 from . import db, jobs
 from .config import Config
+from .printable import printable
 from .rules import StackFacts, select_series, series_stacks, why_block_fails
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,12 @@ def explain(config: Config, engine: Engine, study_uid: str) -> str:
     """`dicom-node explain`: series by series, why each pipeline takes it or not."""
     candidates = study_stacks(engine, study_uid)
     if not candidates:
-        return f"no instances of study {study_uid} are stored"
-    lines = [f"study {study_uid}"]
+        return f"no instances of study {printable(study_uid)} are stored"
+    lines = [f"study {printable(study_uid)}"]
     for pipeline in config.pipelines:
         selection = select_series(pipeline, candidates)
         lines.append(f"pipeline {pipeline.name} (take {pipeline.take}, prefer {pipeline.prefer})")
-        lines.extend(f"  {facts.label}: {selection.reasons[facts.key]}" for facts in candidates)
+        lines.extend(f"  {printable(facts.label)}: {printable(selection.reasons[facts.key])}" for facts in candidates)
     return "\n".join(lines)
 
 

@@ -38,7 +38,16 @@ from .acceptor import Acceptor, Policy, StoreRequest
 from .config import Config
 from .driver_sql import DriverConnection
 from .group_commit import GroupCommit
-from .index import InstanceHeader, InstanceIndex, Recorded, Replaced, content_digest, described, header_of, instance_row
+from .index import (
+    InstanceHeader,
+    InstanceIndex,
+    Recorded,
+    Replaced,
+    content_digest,
+    described,
+    header_of,
+    instance_row,
+)
 from .printable import printable
 from .structure import TooLarge, check_structure, inflate
 from .upper_layer import file_preamble_and_meta

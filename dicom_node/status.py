@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, exists, select
 
 from . import db
+from .printable import printable
 
 
 @dataclass
@@ -104,18 +105,19 @@ def collect(engine: Engine) -> list[StudyView]:
 
 
 def render(views: list[StudyView]) -> str:
+    """The text `status` prints; values that came from the network are made `printable`."""
     if not views:
         return "no studies received yet"
     lines = []
     for view in views:
         lines.append(
-            f"{view.study_uid}  {view.state}  patient {view.patient_id or '-'}  "
-            f"accession {view.accession_number or '-'}  {view.instances} instances"
+            f"{printable(view.study_uid)}  {view.state}  patient {printable(view.patient_id) or '-'}  "
+            f"accession {printable(view.accession_number) or '-'}  {view.instances} instances"
         )
         if not view.jobs and view.state == "done":
             lines.append("    no pipeline matched")
         for job in view.jobs:
-            reason = f": {job.reason}" if job.reason else ""
+            reason = f": {printable(job.reason)}" if job.reason else ""
             lines.append(f"    job {job.id} {job.pipeline} {job.state} (attempts {job.attempts}){reason}")
-            lines.extend(f"        {result}" for result in job.results)
+            lines.extend(f"        {printable(result)}" for result in job.results)
     return "\n".join(lines)
