@@ -42,31 +42,28 @@ class TooLarge(ValueError):
     """The data set inflates to more than the node takes."""
 
 
-def inflate(deflated, limit: int) -> bytes:
+def inflate(deflated, limit: int) -> bytearray:
     """The data set of a Deflated transfer syntax (raw deflate, PS3.5 A.5), at most ``limit``
     bytes of it: more is `TooLarge`, found with at most ``limit`` bytes allocated."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    parts: list[bytes] = []
-    size = 0
+    inflated = bytearray()  # grown in place: never a second copy of what was inflated
     view = memoryview(deflated)
     try:
         for start in range(0, len(view), INFLATE_CHUNK):
             pending = view[start:start + INFLATE_CHUNK]
             while pending:
-                part = inflater.decompress(pending, limit - size + 1)
-                size += len(part)
-                if size > limit:
+                inflated += inflater.decompress(pending, min(limit - len(inflated) + 1, INFLATE_CHUNK))
+                if len(inflated) > limit:
                     raise TooLarge(f"the deflated data set inflates to more than {limit} bytes")
-                parts.append(part)
                 pending = inflater.unconsumed_tail
-        rest = inflater.flush()
+        inflated += inflater.flush()
     except zlib.error as error:
         raise MalformedDataSet(f"the deflated data set cannot be inflated ({error})") from error
-    if size + len(rest) > limit:
+    if len(inflated) > limit:
         raise TooLarge(f"the deflated data set inflates to more than {limit} bytes")
     if not inflater.eof:
         raise MalformedDataSet("the deflated data set ends before its deflate stream does")
-    return b"".join(parts) + rest
+    return inflated
 
 
 def check_structure(data, implicit_vr: bool, little_endian: bool) -> None:
