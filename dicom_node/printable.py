@@ -21,6 +21,6 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with every control character written as its escape (``\\n``, ``\\x1b``)."""
+    """``text`` with every control character written as its escape (``\\x0a``, ``\\x1b``)."""
     return _UNPRINTABLE.sub(_escape, text)
 
