@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -407,3 +409,73 @@ def test_control_characters_from_peers_are_escaped_in_the_log_and_in_status(node
     log = node.log()
     assert "\n2026-12-01 00:00:00,000 INFO MainProcess forged" not in log
     assert "\\x0a2026-12-01 00:00:00,000 INFO MainProcess forged" in log
+
+
+# 8. Graceful shutdown
+
+
+def test_sigterm_lets_a_c_store_in_flight_finish_and_aborts_idle_associations(tmp_path):
+    port = free_port()
+    config = write_node_config(tmp_path / "node", port, destinations=[], pipelines=[], stable_after=600,
+                               receivers=1, min_free_disk_mb=0)
+    node = start_node(config, port)
+    try:
+        [ds] = ct_series(make_phantom((2048, 2048, 1), (0.2, 0.2, 1.0), seed=9), StudyInfo(), 1, "in flight")
+        dataset = dataset_bytes(ds)  # 8 MB: streamed to disk
+        storing, _ = associated(node)
+        idle, _ = associated(node)
+        storing.send(p_data(c_store_rq(CTImageStorage, ds.SOPInstanceUID), command=True))
+        chunk = 512 * 1024
+        *first, final = range(0, len(dataset), chunk)
+        for start in first:
+            storing.send(data_pdu(dataset[start:start + chunk], last=False))
+        time.sleep(0.5)
+        node.process.terminate()  # SIGTERM, as an init system stops the node
+        assert closed_within(idle, 5) < 3, "an association between messages is aborted at once"
+        time.sleep(1.5)  # the receivers have had SIGTERM
+        storing.send(data_pdu(dataset[final:], last=True))
+        assert storing.store_status() == 0x0000, "a C-STORE whose data was arriving is answered"
+        assert closed_within(storing, 5) < 5, "and its association is then closed"
+        node.process.wait(timeout=30)
+        assert indexed(node, ds.SOPInstanceUID)
+        [(path,)] = node.query("SELECT path FROM instances WHERE sop_instance_uid = ?", ds.SOPInstanceUID)
+        assert pydicom.dcmread(path).PixelData == ds.PixelData
+        assert [p for p in (node.data_dir / "incoming").iterdir() if not p.name.endswith(".slot")] == []
+    finally:
+        node.stop()
+
+
+# 11. The command line
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                          check=False)
+
+
+def test_the_command_line_says_what_is_wrong_and_exits_non_zero(node, tmp_path):
+    mistyped = tmp_path / "mistyped.toml"
+    mistyped.write_text('[node]\ndata_dir = "no-such-folder"\n')
+    result = cli(mistyped, "status")
+    assert result.returncode == 2 and "no node database at" in result.stderr
+    assert not (tmp_path / "no-such-folder").exists(), "nothing is created by a look"
+
+    unknown = generate_uid()
+    for args in (("explain", unknown), ("retry", unknown), ("rerun", unknown)):
+        result = cli(node.config_path, *args)
+        assert result.returncode == 1, args
+        assert f"no study received with the Study Instance UID {unknown}" in result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_once_and_creates_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_node_config(tmp_path / "node", port, destinations=[], pipelines=[])
+        result = cli(config, "serve")
+    assert result.returncode == 1
+    assert result.stderr.count("is in use") == 1
+    assert f"cannot listen on 0.0.0.0:{port}" in result.stderr
+    assert not list((tmp_path / "node").rglob("*.sqlite")), "no database before the port is had"
