@@ -31,7 +31,14 @@ from pydicom.uid import (
 
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 from tests.support.peers import free_port, start_node, write_node_config
-from tests.support.raw_dul import RawAssociation, associate_rq, c_store_rq, dataset_bytes, p_data
+from tests.support.raw_dul import (
+    RawAssociation,
+    associate_rq,
+    c_store_rq,
+    dataset_bytes,
+    p_data,
+    with_raw_value,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 ACSE_TIMEOUT, NETWORK_TIMEOUT = 2, 3
@@ -110,18 +117,6 @@ def send(node, dataset: bytes, uid: str, sop_class: str = CTImageStorage, contex
         return association.store_status()
     finally:
         association.close()
-
-
-def with_raw_value(dataset: bytes, tag: int, value: bytes) -> bytes:
-    """``dataset`` (explicit VR little endian) with the value of the top-level element ``tag``
-    replaced by ``value``, byte for byte: pydicom would tidy what a hostile peer sends."""
-    ds = pydicom.dcmread(DicomBytesIO(dataset), force=True)
-    element = ds.get_item(tag)
-    start = element.value_tell - 8
-    end = element.value_tell + element.length
-    value += b"\0" * (len(value) % 2)
-    header = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, element.VR.encode(), len(value))
-    return dataset[:start] + header + value + dataset[end:]
 
 
 def data_pdu(data: bytes, last: bool) -> bytes:

@@ -10,6 +10,7 @@ import socket
 import struct
 from io import BytesIO
 
+import pydicom
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -44,6 +45,18 @@ def dataset_bytes(ds: Dataset) -> bytes:
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+def with_raw_value(dataset: bytes, tag: int, value: bytes) -> bytes:
+    """``dataset`` (explicit VR little endian) with the value of the top-level element ``tag``
+    replaced by ``value``, byte for byte: pydicom would tidy what a hostile peer sends."""
+    ds = pydicom.dcmread(DicomBytesIO(dataset), force=True)
+    element = ds.get_item(tag)
+    start = element.value_tell - 8
+    end = element.value_tell + element.length
+    value += b"\0" * (len(value) % 2)
+    header = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, element.VR.encode(), len(value))
+    return dataset[:start] + header + value + dataset[end:]
 
 
 def p_data(data: bytes, command: bool, context_id: int = 1) -> bytes:
