@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -78,6 +79,7 @@ DIGEST_ASIDE_BYTES = 64 * 1024
 SPILL_BYTES = 4 * 1024 * 1024
 # The most a Deflated data set may inflate to: it is inflated in memory to be checked.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
+CONCURRENT_INFLATIONS = 2  # per receiver process; others wait their turn
 LAST_INDEXED_TAG = 0x0020FFFF  # the index reads UIDs and values of groups 0008 to 0020 only
 
 
@@ -125,6 +127,8 @@ class Receiver:
         self._instances = InstanceIndex(self._connection, config.node.late_arrivals)
         self._index = GroupCommit(self._connection.transaction, self._record)
         self._digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+        # Deflated data sets inflated at once: each may take MAX_INFLATED_BYTES of memory.
+        self._inflating = threading.BoundedSemaphore(CONCURRENT_INFLATIONS)
 
     def begin_store(self, request: StoreRequest) -> IncomingInstance:
         """Where the data set of the C-STORE ``request`` goes as it arrives (`Acceptor`)."""
@@ -149,7 +153,7 @@ class Receiver:
             return OUT_OF_RESOURCES
         implicit_vr, little_endian, deflated = _encoding(request.transfer_syntax)
         try:
-            with incoming.data_set() as data:
+            with incoming.data_set() as data, (self._inflating if deflated else contextlib.nullcontext()):
                 plain = inflate(data, MAX_INFLATED_BYTES) if deflated else data
                 check_structure(plain, implicit_vr, little_endian)
                 dataset = _parse(plain, implicit_vr, little_endian)
