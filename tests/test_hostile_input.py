@@ -172,37 +172,33 @@ def test_uids_that_are_no_uids_are_refused_and_nothing_is_written_outside_data_d
 # 2. Timeouts per period, not per receive
 
 
+def trickled_until_cut_off(association: RawAssociation, data: bytes, deadline: float) -> float:
+    """Send ``data`` a byte every 0.2 s; the seconds until the node hung up. Fails where it
+    still reads well past ``deadline`` seconds."""
+    started = time.monotonic()
+    try:
+        for byte in data:
+            association.send(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - started > deadline + 5:
+                pytest.fail(f"the node still reads bytes trickled for longer than {deadline} s")
+    except OSError:
+        pass  # the node hung up while the bytes trickled in
+    association.sock.close()
+    return time.monotonic() - started
+
+
 def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_artim(node):
     association = RawAssociation(node.port, timeout=30)
     request = associate_rq(node.ae_title, "TRICKLE", CTImageStorage, ExplicitVRLittleEndian)
-    started = time.monotonic()
-    try:
-        for byte in request:
-            association.send(bytes([byte]))
-            time.sleep(0.2)
-            if time.monotonic() - started > ACSE_TIMEOUT + 5:
-                pytest.fail("the node still reads a request trickled for longer than ARTIM")
-    except OSError:
-        pass  # the node hung up while the request trickled in
-    assert time.monotonic() - started < ACSE_TIMEOUT + 2
-    association.sock.close()
+    assert trickled_until_cut_off(association, request, ACSE_TIMEOUT) < ACSE_TIMEOUT + 2
     assert "no whole association request within 2 s (ARTIM)" in node.log()
 
 
 def test_a_pdu_trickled_byte_by_byte_is_cut_off_at_its_deadline(node):
     association, _ = associated(node)
     pdu = p_data(c_store_rq(CTImageStorage, generate_uid()), command=True)
-    started = time.monotonic()
-    try:
-        for byte in pdu:
-            association.send(bytes([byte]))
-            time.sleep(0.2)
-            if time.monotonic() - started > NETWORK_TIMEOUT + 5:
-                pytest.fail("the node still reads a PDU trickled for longer than network_timeout")
-    except OSError:
-        pass
-    assert time.monotonic() - started < NETWORK_TIMEOUT + 2
-    association.sock.close()
+    assert trickled_until_cut_off(association, pdu, NETWORK_TIMEOUT) < NETWORK_TIMEOUT + 2
     assert "a PDU was not complete by its deadline" in node.log()
 
 
