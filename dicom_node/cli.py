@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "retry":
         from .jobs import requeue_failed
 
-        print(f"{requeue_failed(engine, args.studies)} failed job(s) re-queued")
+        retried = requeue_failed(engine, args.studies)
+        print(f"{retried.jobs} failed job(s) re-queued")
+        if retried.studies:
+            print(f"{retried.studies} failed study(ies) re-opened")
+        if retried.dead_letters:
+            print(f"{retried.dead_letters} dead-lettered deliveries pending again")
         return 0
     if args.command == "rerun":
         from .jobs import rerun

@@ -72,7 +72,7 @@ class ReadAhead:
 
 
 def study_stacks(engine: Engine, study_uid: str, read: SeriesReader = series_stacks) -> list[StackFacts]:
-    with engine.connect() as connection:
+    with db.reading(engine) as connection:
         rows = connection.execute(
             select(db.instances.c.series_uid, db.instances.c.path)
             .where(db.instances.c.study_uid == study_uid)
@@ -128,34 +128,65 @@ def complete_quiet_studies(config: Config, engine: Engine, read_ahead: ReadAhead
     cutoff = db.now() - config.node.stable_after
     completed, still_quieting, next_due = 0, set(), None
     for study_uid, last_received_at in quieting_studies(engine, config):
-        candidates = study_stacks(engine, study_uid, read_ahead.series_stacks)
-        if last_received_at > cutoff:  # read ahead only: not quiet long enough yet
-            still_quieting.update(stack.series_uid for stack in candidates)
-            due = last_received_at + config.node.stable_after
-            next_due = due if next_due is None else min(next_due, due)
-            continue
-        chosen = {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
-        with engine.begin() as connection:
-            marked = connection.execute(
-                update(db.studies)
-                .where(
-                    db.studies.c.study_uid == study_uid,
-                    db.studies.c.state == "receiving",
-                    db.studies.c.last_received_at == last_received_at,  # nothing new arrived meanwhile
-                )
-                .values(state="complete", completed_at=db.now())
-            ).rowcount
-            if not marked:
+        try:
+            candidates = study_stacks(engine, study_uid, read_ahead.series_stacks)
+            if last_received_at > cutoff:  # read ahead only: not quiet long enough yet
+                still_quieting.update(stack.series_uid for stack in candidates)
+                due = last_received_at + config.node.stable_after
+                next_due = due if next_due is None else min(next_due, due)
                 continue
-            queued = []
-            for pipeline_name, selection in chosen.items():
-                for stack in selection.chosen:
-                    priority = job_priority(config, pipeline_name, stack)
-                    jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, priority)
-                    queued.append(f"{pipeline_name} on {stack.label} (priority {priority})")
-            message = "complete; queued " + "; ".join(queued) if queued else "complete; no pipeline matched"
-            db.log_event(connection, study_uid, "info", message)
-            log.info("study %s %s", study_uid, message)
-        completed += 1
+            completed += _complete(config, engine, study_uid, last_received_at, candidates)
+        except Exception as error:
+            if last_received_at > cutoff:
+                continue  # read ahead only: tried again, and failed for good, once the study is quiet
+            log.exception("study %s cannot be completed", study_uid)
+            _fail_study(engine, study_uid, last_received_at, f"its series cannot be read or matched ({error})")
     read_ahead.retain(still_quieting)
     return CompletionRound(completed, next_due)
+
+
+def _complete(config: Config, engine: Engine, study_uid: str, last_received_at: float,
+              candidates: list[StackFacts]) -> int:
+    """Mark the study complete and queue its jobs (1), unless something arrived meanwhile (0).
+    A stack that a pipeline takes but that cannot be a volume gets a job failed at once, with
+    the reason (`Selection.failed`)."""
+    chosen = {pipeline.name: select_series(pipeline, candidates) for pipeline in config.pipelines}
+    with engine.begin() as connection:
+        if not _mark(connection, study_uid, last_received_at, state="complete"):
+            return 0
+        queued = []
+        for pipeline_name, selection in chosen.items():
+            for stack in selection.chosen:
+                priority = job_priority(config, pipeline_name, stack)
+                jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, priority)
+                queued.append(f"{pipeline_name} on {stack.label} (priority {priority})")
+            for stack in selection.failed:
+                reason = f"cannot be a volume: {stack.problem}"
+                jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, state="failed",
+                             reason=reason)
+                queued.append(f"{pipeline_name} on {stack.label}, failed at once: {reason}")
+        message = "complete; queued " + "; ".join(queued) if queued else "complete; no pipeline matched"
+        db.log_event(connection, study_uid, "info", message)
+        log.info("study %s %s", study_uid, message)
+    return 1
+
+
+def _mark(connection, study_uid: str, last_received_at: float, **values) -> bool:
+    """Change the study's row if it is still receiving and nothing new arrived meanwhile."""
+    return bool(connection.execute(
+        update(db.studies)
+        .where(
+            db.studies.c.study_uid == study_uid,
+            db.studies.c.state == "receiving",
+            db.studies.c.last_received_at == last_received_at,
+        )
+        .values(completed_at=db.now(), **values)
+    ).rowcount)
+
+
+def _fail_study(engine: Engine, study_uid: str, last_received_at: float, reason: str) -> None:
+    """The study is ``failed`` with ``reason``: left alone by completion until an instance
+    re-opens it or an operator retries it."""
+    with engine.begin() as connection:
+        if _mark(connection, study_uid, last_received_at, state="failed", reason=reason):
+            db.log_event(connection, study_uid, "error", f"failed: {reason}")

@@ -71,6 +71,11 @@ class NodeSettings(Strict):
         60.0, gt=0, le=3600,
         description="Seconds an association may be silent, and that each PDU may take from its first byte to its last.",
     )
+    lease_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="A running job's lease, renewed by its worker every quarter of it; a worker silent longer "
+        "(dead, stalled, paused) loses the job to another, and its late results are discarded.",
+    )
     max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
     model_memory_mb: float = Field(
         8192, gt=0, description="Loaded models a worker keeps warm, at most this many MB of weights."

@@ -41,12 +41,14 @@ studies = Table(
     Column("accession_number", String(16)),
     Column("study_date", String(8)),
     Column("study_description", String(64)),
-    # 'receiving' until the quiet period passes, then 'complete'; the rest of a study's state
-    # (queued, running, done, failed) is read from its jobs and deliveries.
+    # 'receiving' until the quiet period passes, then 'complete', or 'failed' (with the reason)
+    # when completing it failed; the rest of a study's state (queued, running, done, failed)
+    # is read from its jobs and deliveries.
     Column("state", String(16), nullable=False),
     Column("first_received_at", Float, nullable=False),
     Column("last_received_at", Float, nullable=False),
     Column("completed_at", Float),
+    Column("reason", Text),  # why the study failed, in words
 )
 
 series = Table(
@@ -116,7 +118,7 @@ deliveries = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("result_id", ForeignKey("results.id"), nullable=False),
     Column("destination", String(64), nullable=False),
-    Column("state", String(16), nullable=False),  # pending, sent
+    Column("state", String(16), nullable=False),  # pending, sent, dead (no retry can change it)
     Column("attempts", Integer, nullable=False, default=0),
     Column("not_before", Float, nullable=False),
     Column("last_error", Text),
@@ -176,7 +178,7 @@ def unknown_studies(engine: Engine, study_uids: list[str]) -> list[str]:
     """Those of ``study_uids`` that no instance was ever received for."""
     if not study_uids:
         return []
-    with engine.connect() as connection:
+    with reading(engine) as connection:
         known = set(connection.execute(select(studies.c.study_uid).where(studies.c.study_uid.in_(study_uids))).scalars())
     return [uid for uid in study_uids if uid not in known]
 

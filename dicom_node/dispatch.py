@@ -5,17 +5,23 @@ own rows: it is retried with exponential backoff (``retry_first_seconds`` doubli
 ``retry_max_seconds``) while the others are delivered: each destination has its own dispatch loop.
 A result sent twice (a crash between sending and recording) is harmless: its SOP Instance UID
 is the same, and a PACS stores it once.
+
+Each delivery has its own outcome. One that no retry can change (the destination accepts no
+presentation context for the result's SOP class, or answers "SOP class not supported"; the
+result's file is gone) is dead-lettered: kept with its reason, shown by `status`, pending
+again after `dicom-node retry`. The others of the batch go on.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import Engine, select, update
@@ -31,6 +37,18 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 # Success, and the warnings that still mean "stored" (PS3.4 B.2.3).
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # the destination will never take this SOP class
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one delivery: sent (``error`` None), or failed, for now or for good."""
+
+    error: str | None = None
+    permanent: bool = False
+
+
+SENT = Outcome()
 
 
 def backoff(destination: Destination, attempts: int) -> float:
@@ -50,40 +68,71 @@ def _contexts(metas: dict[str, Dataset]) -> list[PresentationContext]:
     return contexts
 
 
-def _send(config: Config, destination: Destination, paths: list[str]) -> dict[str, str | None]:
-    """C-STORE the files over one association; per path, None on success or the error.
+def _send(config: Config, destination: Destination, paths: list[str]) -> dict[str, Outcome]:
+    """C-STORE the files over one association; the outcome of each path.
 
     A file whose transfer syntax the peer accepts is sent as its stored bytes, never decoded:
     a 300-frame SEG took longer to parse and re-encode than to send. Otherwise it is decoded
     and pynetdicom converts it to a syntax the peer accepted.
     """
-    metas = {path: read_file_meta_info(path) for path in paths}
+    outcome: dict[str, Outcome] = {}
+    metas: dict[str, Dataset] = {}
+    for path in paths:
+        try:
+            metas[path] = read_file_meta_info(path)
+        except FileNotFoundError:
+            outcome[path] = Outcome(f"the result's file {path} is gone", permanent=True)
+        except Exception as error:  # noqa: BLE001 - a file the node wrote and cannot read again
+            outcome[path] = Outcome(f"the result's file {path} cannot be read ({error})", permanent=True)
+    if not metas:
+        return outcome
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.requested_contexts = _contexts(metas)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
-        reason = f"association with {destination.ae_title}@{destination.host}:{destination.port} failed"
-        return {path: reason for path in paths}
-    as_stored = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
-    outcome: dict[str, str | None] = {}
+        reason = Outcome(f"association with {destination.ae_title}@{destination.host}:{destination.port} failed")
+        return outcome | {path: reason for path in metas}
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
         for path, meta in metas.items():
-            if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) in as_stored:
-                status = assoc.send_c_store(Path(path))  # streamed from the file (STORE_SEND_CHUNKED_DATASET)
-            else:
-                status = assoc.send_c_store(pydicom.dcmread(path))
-            code = getattr(status, "Status", None)
-            if code is None:
-                outcome[path] = "no response to C-STORE (association lost)"
-            elif code in STORED_STATUSES:
-                outcome[path] = None
-            else:
-                outcome[path] = f"C-STORE status 0x{code:04X}"
+            if not assoc.is_established:
+                outcome[path] = Outcome("the association was lost before this result was sent")
+                continue
+            outcome[path] = _send_one(assoc, path, meta, accepted, destination)
     finally:
         if assoc.is_established:
             assoc.release()
     return outcome
+
+
+def _send_one(assoc, path: str, meta: Dataset, accepted: set[tuple[str, str]], destination: Destination) -> Outcome:
+    sop_class = str(meta.MediaStorageSOPClassUID)
+    if not any(abstract_syntax == sop_class for abstract_syntax, _ in accepted):
+        return Outcome(f"{destination.ae_title} accepts no presentation context for SOP class {sop_class} "
+                       f"({_name(sop_class)})", permanent=True)
+    try:
+        if (sop_class, str(meta.TransferSyntaxUID)) in accepted:
+            status = assoc.send_c_store(Path(path))  # streamed from the file (STORE_SEND_CHUNKED_DATASET)
+        else:
+            status = assoc.send_c_store(pydicom.dcmread(path))
+    except FileNotFoundError:
+        return Outcome(f"the result's file {path} is gone", permanent=True)
+    except Exception as error:  # noqa: BLE001 - the network or the peer: tried again later
+        return Outcome(f"{type(error).__name__}: {error}")
+    code = getattr(status, "Status", None)
+    if code is None:
+        return Outcome("no response to C-STORE (association lost)")
+    if code in STORED_STATUSES:
+        return SENT
+    if code == SOP_CLASS_NOT_SUPPORTED:
+        return Outcome(f"{destination.ae_title} answered C-STORE status 0x{code:04X} (SOP class not supported)",
+                       permanent=True)
+    return Outcome(f"C-STORE status 0x{code:04X}")
+
+
+def _name(sop_class: str) -> str:
+    return UID(sop_class).name or "unknown"
 
 
 def deliver_due(config: Config, engine: Engine, destination: Destination) -> int:
@@ -111,21 +160,26 @@ def deliver_due(config: Config, engine: Engine, destination: Destination) -> int
     try:
         outcome = _send(config, destination, [row.path for row in rows])
     except Exception as error:  # noqa: BLE001 - any network failure means "try again later"
-        outcome = {row.path: f"{type(error).__name__}: {error}" for row in rows}
+        outcome = {row.path: Outcome(f"{type(error).__name__}: {error}") for row in rows}
     delivered = 0
     with engine.begin() as connection:
         for row in rows:
-            error = outcome.get(row.path, "not sent")
+            result = outcome.get(row.path, Outcome("not sent"))
             attempts = row.attempts + 1
-            if error is None:
+            if result.error is None:
                 delivered += 1
                 values = {"state": "sent", "attempts": attempts, "sent_at": db.now(), "last_error": None}
                 db.log_event(connection, row.study_uid, "info", f"delivered {row.kind} to {destination.name}")
+            elif result.permanent:
+                values = {"state": "dead", "attempts": attempts, "last_error": result.error}
+                log.error("delivery of %s to %s dead-lettered: %s (`dicom-node retry` sends it again)", row.kind,
+                          destination.name, result.error)
+                db.log_event(connection, row.study_uid, "error",
+                             f"delivery of {row.kind} to {destination.name} dead-lettered: {result.error}")
             else:
                 delay = backoff(destination, attempts)
-                values = {"attempts": attempts, "last_error": error, "not_before": db.now() + delay}
-                log.warning(
-                    "delivery to %s failed (attempt %d, next in %.0f s): %s", destination.name, attempts, delay, error
-                )
+                values = {"attempts": attempts, "last_error": result.error, "not_before": db.now() + delay}
+                log.warning("delivery to %s failed (attempt %d, next in %.0f s): %s", destination.name, attempts,
+                            delay, result.error)
             connection.execute(update(db.deliveries).where(db.deliveries.c.id == row.id).values(**values))
     return delivered

@@ -129,7 +129,8 @@ _NEW_STUDY = text(
     ":accession_number, :study_date, :study_description, 'receiving', :received_at, :received_at)"
 )
 _STUDY_RECEIVING = text(
-    "UPDATE studies SET state = 'receiving', last_received_at = :received_at WHERE study_uid = :study_uid"
+    "UPDATE studies SET state = 'receiving', reason = NULL, last_received_at = :received_at "
+    "WHERE study_uid = :study_uid"
 )
 _STILL_RECEIVING = text(
     "UPDATE studies SET last_received_at = :received_at WHERE study_uid = :study_uid AND state = 'receiving'"

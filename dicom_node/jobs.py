@@ -7,9 +7,16 @@ transient reason is retried with exponential backoff; after ``max_attempts`` tri
 for a reason no retry can change (a series the model cannot take), it is ``failed`` with the
 reason kept. There is no broker to drift out of step with: claiming and recording the outcome
 are ordinary transactions.
+
+Every write a worker makes to its job is fenced by its claim: the worker's name and the
+attempt it claimed. A worker whose lease lapsed (a long stall, a paused machine) while another
+claimed the job finds its writes match no row (`LeaseLost`), and its results are discarded: a
+job's results are recorded once, by the worker that holds it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, and_, or_, select, update
 from sqlalchemy.engine import RowMapping
@@ -21,29 +28,67 @@ RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
 
 
+class LeaseLost(Exception):
+    """The job is no longer this worker's: its lease lapsed and the job moved on."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Which worker holds a running job, and for which attempt."""
+
+    job_id: int
+    worker: str
+    attempt: int
+
+    @classmethod
+    def of(cls, job: RowMapping) -> Claim:
+        return cls(job["id"], job["worker"], job["attempts"])
+
+    def fence(self, statement):
+        """``statement`` (an update of jobs) limited to the job while this claim holds it."""
+        return statement.where(db.jobs.c.id == self.job_id, db.jobs.c.state == "running",
+                               db.jobs.c.worker == self.worker, db.jobs.c.attempts == self.attempt)
+
+
+def _fenced(connection: Connection, claim: Claim | None, statement) -> None:
+    """Run ``statement`` on the claimed job, or raise LeaseLost where the claim no longer holds."""
+    if claim is None:
+        connection.execute(statement)
+        return
+    if connection.execute(claim.fence(statement)).rowcount == 0:
+        raise LeaseLost(f"job {claim.job_id} is no longer held by {claim.worker} (attempt {claim.attempt})")
+
+
 def retry_delay(attempts: int) -> float:
     return min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** max(0, attempts - 1))
 
 
 def enqueue(
-    connection: Connection, study_uid: str, series_uid: str, stack: str, pipeline: str, priority: int = 0
+    connection: Connection, study_uid: str, series_uid: str, stack: str, pipeline: str, priority: int = 0,
+    state: str = "queued", reason: str | None = None,
 ) -> None:
+    """A new job; ``state="failed"`` with ``reason`` records one that cannot run at all, so
+    that it is shown, and can be retried, as any failed job."""
+    now = db.now()
     connection.execute(
         db.jobs.insert().values(
             study_uid=study_uid,
             series_uid=series_uid,
             stack=stack,
             pipeline=pipeline,
-            state="queued",
+            state=state,
+            reason=reason,
             priority=priority,
             attempts=0,
             not_before=0.0,
-            created_at=db.now(),
+            created_at=now,
+            finished_at=now if state == "failed" else None,
         )
     )
 
 
-def claim(engine: Engine, worker: str, pipelines: set[str], max_attempts: int) -> RowMapping | None:
+def claim(engine: Engine, worker: str, pipelines: set[str], max_attempts: int,
+          lease_seconds: float = LEASE_SECONDS) -> RowMapping | None:
     """Take the most urgent claimable job, or None; jobs with lapsed leases are claimable."""
     now = db.now()
     if not _anything_to_claim(engine, now, pipelines):
@@ -65,7 +110,7 @@ def claim(engine: Engine, worker: str, pipelines: set[str], max_attempts: int) -
         connection.execute(
             update(db.jobs)
             .where(db.jobs.c.id == job["id"])
-            .values(state="running", attempts=attempt, lease_until=now + LEASE_SECONDS, worker=worker, started_at=now)
+            .values(state="running", attempts=attempt, lease_until=now + lease_seconds, worker=worker, started_at=now)
         )
         db.log_event(
             connection, job["study_uid"], "info", f"job {job['id']} ({job['pipeline']}) started by {worker}, attempt {attempt}"
@@ -93,17 +138,17 @@ def _requeue_lapsed(connection: Connection, now: float, max_attempts: int) -> No
 
 
 def retry_or_fail(
-    connection: Connection, job_id: int, study_uid: str, attempts: int, max_attempts: int, reason: str
+    connection: Connection, job_id: int, study_uid: str, attempts: int, max_attempts: int, reason: str,
+    claim: Claim | None = None,
 ) -> None:
+    """Back to the queue after a backoff, or failed once out of attempts; ``claim``: only while
+    the worker that reports it still holds the job."""
     if attempts >= max_attempts:
-        finish(connection, job_id, study_uid, "failed", f"{reason} (after {attempts} attempts)")
+        finish(connection, job_id, study_uid, "failed", f"{reason} (after {attempts} attempts)", claim)
         return
     delay = retry_delay(attempts)
-    connection.execute(
-        update(db.jobs)
-        .where(db.jobs.c.id == job_id)
-        .values(state="queued", reason=reason, lease_until=None, worker=None, not_before=db.now() + delay)
-    )
+    _fenced(connection, claim, update(db.jobs).where(db.jobs.c.id == job_id).values(
+        state="queued", reason=reason, lease_until=None, worker=None, not_before=db.now() + delay))
     db.log_event(connection, study_uid, "warning", f"job {job_id} will be retried in {delay:.0f} s: {reason}")
 
 
@@ -121,47 +166,72 @@ def release(engine: Engine, job_id: int, worker: str) -> None:
         db.log_event(connection, job["study_uid"], "info", f"job {job_id} released by {worker} at shutdown")
 
 
-def release_dead_local_workers(engine: Engine, host: str, alive) -> None:
+def release_dead_local_workers(engine: Engine, host: str, alive) -> set[str]:
     """At start-up, jobs held by processes of this host that no longer exist are requeued now
-    rather than after their lease: a restarted node resumes at once."""
+    rather than after their lease: a restarted node resumes at once. Returns their studies."""
+    released = set()
     with engine.begin() as connection:
         held = connection.execute(
-            select(db.jobs.c.id, db.jobs.c.worker).where(
+            select(db.jobs.c.id, db.jobs.c.worker, db.jobs.c.study_uid).where(
                 db.jobs.c.state == "running", db.jobs.c.worker.like(f"{host}:%")
             )
         ).all()
-        for job_id, worker in held:
+        for job_id, worker, study_uid in held:
             if not alive(int(worker.rsplit(":", 1)[1])):
                 connection.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(lease_until=0.0))
+                released.add(study_uid)
+    return released
 
 
-def renew(engine: Engine, job_id: int, worker: str) -> None:
+def renew(engine: Engine, claim: Claim, lease_seconds: float = LEASE_SECONDS) -> bool:
+    """Extend the lease; False once the claim no longer holds the job."""
     with engine.begin() as connection:
-        connection.execute(
-            update(db.jobs)
-            .where(db.jobs.c.id == job_id, db.jobs.c.worker == worker, db.jobs.c.state == "running")
-            .values(lease_until=db.now() + LEASE_SECONDS)
-        )
+        return connection.execute(
+            claim.fence(update(db.jobs)).values(lease_until=db.now() + lease_seconds)
+        ).rowcount > 0
 
 
-def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> int:
-    """`dicom-node retry`: failed jobs start again with fresh attempts; pending deliveries go now."""
+@dataclass(frozen=True)
+class Retried:
+    """What `requeue_failed` put back to work."""
+
+    jobs: int
+    studies: int
+    dead_letters: int
+
+
+def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> Retried:
+    """`dicom-node retry`: failed jobs start again with fresh attempts, failed studies are
+    completed again after a quiet period, dead-lettered deliveries are pending again, and
+    pending deliveries go now."""
     with engine.begin() as connection:
         query = select(db.jobs.c.id, db.jobs.c.study_uid).where(db.jobs.c.state == "failed")
         if study_uids:
             query = query.where(db.jobs.c.study_uid.in_(study_uids))
         failed = connection.execute(query).all()
         _queue_again(connection, failed, "re-queued by an operator")
-        deliveries = update(db.deliveries).where(db.deliveries.c.state == "pending").values(not_before=0.0)
+        studies = select(db.studies.c.study_uid).where(db.studies.c.state == "failed")
+        if study_uids:
+            studies = studies.where(db.studies.c.study_uid.in_(study_uids))
+        failed_studies = connection.execute(studies).scalars().all()
+        for study_uid in failed_studies:
+            connection.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
+                               .values(state="receiving", reason=None, last_received_at=db.now()))
+            db.log_event(connection, study_uid, "info", "re-opened by an operator: completed again after the quiet period")
+        dead = update(db.deliveries).where(db.deliveries.c.state == "dead").values(
+            state="pending", attempts=0, not_before=0.0)
+        due = update(db.deliveries).where(db.deliveries.c.state == "pending").values(not_before=0.0)
         if study_uids:
             results_of_studies = (
                 select(db.results.c.id)
                 .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
                 .where(db.jobs.c.study_uid.in_(study_uids))
             )
-            deliveries = deliveries.where(db.deliveries.c.result_id.in_(results_of_studies))
-        connection.execute(deliveries)
-    return len(failed)
+            dead = dead.where(db.deliveries.c.result_id.in_(results_of_studies))
+            due = due.where(db.deliveries.c.result_id.in_(results_of_studies))
+        dead_letters = connection.execute(dead).rowcount
+        connection.execute(due)
+    return Retried(len(failed), len(failed_studies), dead_letters)
 
 
 def rerun(engine: Engine, study_uids: list[str]) -> int:
@@ -189,11 +259,11 @@ def _queue_again(connection: Connection, rows, why: str) -> None:
         db.log_event(connection, study_uid, "info", f"job {job_id} {why}")
 
 
-def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None) -> None:
-    connection.execute(
-        update(db.jobs)
-        .where(db.jobs.c.id == job_id)
-        .values(state=state, reason=reason, finished_at=db.now(), lease_until=None)
-    )
+def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None,
+           claim: Claim | None = None) -> None:
+    """The job is done or failed for good; ``claim``: only while the worker that reports it
+    still holds the job (LeaseLost otherwise, and the caller's transaction is to roll back)."""
+    _fenced(connection, claim, update(db.jobs).where(db.jobs.c.id == job_id).values(
+        state=state, reason=reason, finished_at=db.now(), lease_until=None))
     message = f"job {job_id} {state}" + (f": {reason}" if reason else "")
     db.log_event(connection, study_uid, "error" if state == "failed" else "info", message)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from . import db, store
 from .config import Config
@@ -76,7 +76,7 @@ def recover_incoming(config: Config, engine: Engine) -> int:
     if not folder.is_dir():
         return 0
     placed = []
-    for slot in sorted(folder.iterdir()):
+    for slot in sorted(folder.iterdir(), key=_written_order):
         if slot.stat().st_size == 0:
             slot.unlink()
             continue
@@ -98,6 +98,37 @@ def recover_incoming(config: Config, engine: Engine) -> int:
             record(placed)
         log.warning("%d received instances were still in %s: renamed into place and indexed", len(placed), folder)
     return len(placed)
+
+
+def _written_order(slot: Path) -> tuple[int, int, int]:
+    """Oldest write first, so that of two versions of one instance the newer is indexed last
+    and wins; files made ahead (``PID-N.slot``) in the order they were made where their times
+    are equal. Names compared as text put ``9-10`` before ``9-9``."""
+    pid, _, number = slot.name.removesuffix(store.SLOT_SUFFIX).partition("-")
+    numbers = [int(part) if part.isdigit() else 0 for part in (pid, number)]
+    return slot.stat().st_mtime_ns, *numbers
+
+
+def remove_unrecorded_results(config: Config, engine: Engine, study_uids: set[str]) -> int:
+    """Remove the result files of these studies that no result row names: a worker killed
+    between writing its results and committing their rows left them, and nothing would ever
+    send or delete them. Only the studies whose jobs were interrupted are looked at, at start-up,
+    before any worker runs. Returns how many were removed."""
+    removed = 0
+    for study_uid in study_uids:
+        folder = config.node.data_dir / "results" / study_uid
+        if not store.is_valid_uid(study_uid) or not folder.is_dir():
+            continue
+        with db.reading(engine) as connection:
+            recorded = set(connection.execute(
+                select(db.results.c.path).join(db.jobs, db.jobs.c.id == db.results.c.job_id)
+                .where(db.jobs.c.study_uid == study_uid)).scalars())
+        for path in folder.rglob("*.dcm"):
+            if str(path) not in recorded:
+                path.unlink()
+                removed += 1
+                log.warning("removed %s: a result written by an interrupted job and never recorded", path)
+    return removed
 
 
 def reindex_lost_files(config: Config, engine: Engine) -> tuple[int, int]:

@@ -117,6 +117,8 @@ def series_stacks(series_uid: str, paths: list[Path]) -> list[StackFacts]:
         stacks = split_stacks(frames)
     except GeometryError as error:
         return [StackFacts(series_uid, "", header, [], problem=str(error))]
+    except Exception as error:  # noqa: BLE001 - a malformed value or a file gone: this series' problem only
+        return [StackFacts(series_uid, "", header, [], problem=f"its images cannot be read ({error})")]
     return [StackFacts(series_uid, name, members[0].header, members) for name, members in stacks.items()]
 
 
@@ -228,6 +230,9 @@ def why_not_selected(blocks: list[SelectBlock], facts: StackFacts) -> str | None
 class Selection:
     chosen: list[StackFacts]
     reasons: dict[tuple[str, str], str]  # (series UID, stack) -> why it was taken or not
+    # Stacks the rules take that cannot be a volume, when no other stack is taken: the pipeline
+    # would run on them, so they fail (with `StackFacts.problem`) rather than pass unnoticed.
+    failed: list[StackFacts] = field(default_factory=list)
 
 
 def _preference(prefer: str):
@@ -242,13 +247,12 @@ def _preference(prefer: str):
 
 def select_series(pipeline: Pipeline, candidates: list[StackFacts]) -> Selection:
     reasons: dict[tuple[str, str], str] = {}
-    eligible = []
+    eligible, blocked = [], []
     for facts in candidates:
-        reason = (
-            why_not_an_image_series(facts.header)
-            or (f"cannot be a volume: {facts.problem}" if facts.problem else None)
-            or why_not_selected(pipeline.select_blocks, facts)
-        )
+        reason = why_not_an_image_series(facts.header) or why_not_selected(pipeline.select_blocks, facts)
+        if reason is None and facts.problem:
+            blocked.append(facts)
+            reason = f"cannot be a volume: {facts.problem}"
         if reason:
             reasons[facts.key] = f"not taken: {reason}"
         else:
@@ -260,4 +264,7 @@ def select_series(pipeline: Pipeline, candidates: list[StackFacts]) -> Selection
         reasons[facts.key] = f"not taken: matches, but {chosen[0].label} has {wording} (prefer = {pipeline.prefer})"
     for facts in chosen:
         reasons[facts.key] = "taken"
-    return Selection(chosen, reasons)
+    failed = [] if chosen else blocked if pipeline.take == "all" else blocked[:1]
+    for facts in failed:
+        reasons[facts.key] = f"taken, and failed: cannot be a volume: {facts.problem}"
+    return Selection(chosen, reasons, failed)

@@ -31,7 +31,7 @@ from .config import Config, Destination, load_config
 from .dispatch import deliver_due
 from .doorbell import Bell, Ringer, doorbell
 from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
-from .reindex import current_boot, recover_incoming, reindex_after_boot
+from .reindex import current_boot, recover_incoming, reindex_after_boot, remove_unrecorded_results
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,12 @@ def resume_after_restart(config: Config, engine) -> None:
     """Pick up where a stopped or killed node left off.
 
     Jobs held by processes of this host that are gone go back to the queue at once, instead of
-    waiting for their lease. Studies still receiving get a full quiet period from now: the PACS
+    waiting for their lease, and the result files they wrote but did not record are removed. Studies still receiving get a full quiet period from now: the PACS
     whose transfer was cut by the stop is given time to resend before the study counts as
     complete, so a half-received study is not processed.
     """
-    jobs.release_dead_local_workers(engine, socket.gethostname(), _process_alive)
+    interrupted = jobs.release_dead_local_workers(engine, socket.gethostname(), _process_alive)
+    remove_unrecorded_results(config, engine, interrupted)
     with engine.begin() as connection:
         connection.execute(
             update(db.studies).where(db.studies.c.state == "receiving").values(last_received_at=db.now())

@@ -34,21 +34,26 @@ class StudyView:
     state: str
     instances: int
     jobs: list[JobView]
+    reason: str | None = None  # why the study failed as a whole
 
 
-def study_state(receiving: bool, job_states: list[str], pending_deliveries: int) -> str:
-    if receiving:
-        return "receiving"
+def study_state(stored_state: str, job_states: list[str], pending_deliveries: int, dead_letters: int = 0) -> str:
+    """What `status` says of a study: from its own row while receiving or failed as a whole,
+    else from its jobs, then its deliveries."""
+    if stored_state in ("receiving", "failed"):
+        return stored_state
     for state in ("running", "queued", "failed"):
         if state in job_states:
             return state
     if pending_deliveries:
         return "sending"
+    if dead_letters:
+        return "failed"
     return "done"
 
 
 def collect(engine: Engine) -> list[StudyView]:
-    with engine.connect() as connection:
+    with db.reading(engine) as connection:
         studies = connection.execute(select(db.studies).order_by(db.studies.c.first_received_at)).mappings().all()
         views = []
         for study in studies:
@@ -61,7 +66,7 @@ def collect(engine: Engine) -> list[StudyView]:
                 select(db.jobs).where(db.jobs.c.study_uid == study["study_uid"]).order_by(db.jobs.c.id)
             ).mappings().all()
             job_views = []
-            pending = 0
+            pending = dead = 0
             for job in job_rows:
                 view = JobView(
                     job["id"], job["pipeline"], job["series_uid"], job["state"], job["attempts"], job["reason"]
@@ -78,6 +83,7 @@ def collect(engine: Engine) -> list[StudyView]:
                 outline_images: dict[str, Counter] = defaultdict(Counter)  # destination -> states
                 for kind, uid, destination, state, error, is_superseded in rows:
                     pending += state == "pending"
+                    dead += state == "dead"
                     if kind == "SC":  # one line for the whole outline series
                         outline_images[destination or ""][state or "kept"] += 1
                         continue
@@ -90,7 +96,7 @@ def collect(engine: Engine) -> list[StudyView]:
                     view.results.append("SC outline images" + (f" -> {destination}" if destination else "") +
                                         f": {counts}")
                 job_views.append(view)
-            state = study_state(study["state"] == "receiving", [j.state for j in job_views], pending)
+            state = study_state(study["state"], [j.state for j in job_views], pending, dead)
             views.append(
                 StudyView(
                     study["study_uid"],
@@ -99,6 +105,7 @@ def collect(engine: Engine) -> list[StudyView]:
                     state,
                     instance_count,
                     job_views,
+                    study["reason"],
                 )
             )
     return views
@@ -114,6 +121,8 @@ def render(views: list[StudyView]) -> str:
             f"{printable(view.study_uid)}  {view.state}  patient {printable(view.patient_id) or '-'}  "
             f"accession {printable(view.accession_number) or '-'}  {view.instances} instances"
         )
+        if view.reason:
+            lines.append(f"    {printable(view.reason)}")
         if not view.jobs and view.state == "done":
             lines.append("    no pipeline matched")
         for job in view.jobs:

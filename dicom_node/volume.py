@@ -224,10 +224,16 @@ class Volume:
 
     @property
     def source_headers(self) -> list[Dataset]:
-        """Each source instance once, in the order of first appearance along k."""
+        """Each source instance once, in the order of first appearance along k, with the Type 2
+        attributes that results copy from it (`TYPE_2_COPIED`) present, empty where the source
+        leaves them out: PS3.5 7.4 lets a Type 2 attribute be empty, never absent."""
         unique: dict[str, Dataset] = {}
         for frame in self.frames:
             unique.setdefault(frame.sop_instance_uid, frame.header)
+        for header in unique.values():
+            for keyword in TYPE_2_COPIED:
+                if keyword not in header:
+                    setattr(header, keyword, "")
         return list(unique.values())
 
     def frame_masks(self, labels: np.ndarray) -> np.ndarray:
@@ -236,6 +242,11 @@ class Volume:
             raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
         # No copy when labels come from Bundle.predict, which lays them out frame by frame.
         return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
+
+
+# Patient and General Study attributes (Type 2) that the SEG and SR copy from their sources.
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 class _DecodedFiles:
@@ -251,13 +262,28 @@ class _DecodedFiles:
             pixels = read_native_pixels(frame.path, frame.header)
             if pixels is None:
                 pixels = pydicom.dcmread(frame.path).pixel_array
-            elif frame.index is None:
-                pixels = pixels[0]
+            pixels = _as_frames(pixels, frame)
             self._pixels[frame.path] = pixels
         self._uses_left[frame.path] -= 1
         if self._uses_left[frame.path] == 0:
             del self._pixels[frame.path]
-        return pixels if frame.index is None else pixels[frame.index]
+        return pixels[frame.index or 0]
+
+
+def _as_frames(pixels: np.ndarray, frame: Frame) -> np.ndarray:
+    """A file's decoded pixels as ``(frames, rows, columns)``, checked against its header.
+
+    pydicom gives a one-frame image as ``(rows, columns)`` whatever its Number of Frames, and
+    several frames as ``(frames, rows, columns)``: taken as the other, one image row would be
+    spread over the whole image, silently. Anything but the Rows and Columns of the header (a
+    colour image, a decoder's surprise) is refused here instead."""
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    frames = int(frame.header.get("NumberOfFrames", 1) or 1)
+    if pixels.ndim != 3 or pixels.shape[1:] != tuple(frame.shape) or len(pixels) != frames:
+        raise GeometryError(f"{frame.path.name}: decoded pixels of shape {pixels.shape}, not the {frames} frame(s) "
+                            f"of {frame.shape[0]} x {frame.shape[1]} its header gives")
+    return pixels
 
 
 def load_volume(frames: list[Frame]) -> Volume:

@@ -80,7 +80,7 @@ def classify_failure(error: Exception, timeout_seconds: float) -> tuple[str, boo
     if isinstance(error, PERMANENT_FAILURES):
         return str(error), True
     log.error("job crashed:\n%s", traceback.format_exc())
-    return f"{type(error).__name__}: {error}", False
+    return f"unexpected error ({type(error).__name__}: {error}); the details are in the worker's log", False
 
 
 def _raise_timeout(_signum, _frame) -> None:
@@ -159,31 +159,34 @@ class Worker:
         # SIGTERM waits while a job is being claimed: arriving between the claim's commit and the
         # `try` below, it would leave a running job that nobody releases.
         job = None
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _SHUTDOWN.defer()
         try:
-            job = jobs.claim(
-                self.engine, self.name, {p.name for p in self.config.pipelines}, self.config.node.max_attempts
-            )
+            job = jobs.claim(self.engine, self.name, {p.name for p in self.config.pipelines},
+                             self.config.node.max_attempts, self.config.node.lease_seconds)
         finally:
             if job is None:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                _SHUTDOWN.resume()
         if job is None:
             return False
+        claim = jobs.Claim.of(job)
         stop_renewing = threading.Event()
-        renewer = threading.Thread(target=self._renew_lease, args=(job["id"], stop_renewing), daemon=True)
+        renewer = threading.Thread(target=self._renew_lease, args=(claim, stop_renewing), daemon=True)
         renewer.start()
         pipeline = self.config.pipeline(job["pipeline"])
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a pending SIGTERM lands here
+            _SHUTDOWN.resume()  # a SIGTERM that came during the claim lands here
             signal.setitimer(signal.ITIMER_REAL, pipeline.timeout_seconds)
-            self._run(job, pipeline)
+            self._run(job, claim, pipeline)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             for ringer in self.results_recorded:
                 ringer.ring()
         except ShutdownRequested:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             jobs.release(self.engine, job["id"], self.name)
             raise
         except Exception as error:  # noqa: BLE001 - a job's crash must never take the worker down
-            self._fail(job, *classify_failure(error, pipeline.timeout_seconds))
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a late alarm must not cut the failure's record short
+            self._fail(job, claim, *classify_failure(error, pipeline.timeout_seconds))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             stop_renewing.set()
@@ -191,22 +194,28 @@ class Worker:
             _free_memory()  # what a failed or finished job held goes now, not at the next job
         return True
 
-    def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(jobs.LEASE_SECONDS / 4):
-            jobs.renew(self.engine, job_id, self.name)
+    def _renew_lease(self, claim: jobs.Claim, stop: threading.Event) -> None:
+        lease = self.config.node.lease_seconds
+        while not stop.wait(lease / 4):
+            if not jobs.renew(self.engine, claim, lease):
+                log.warning("worker %s lost job %d: its lease lapsed and the job moved on; what it makes of it "
+                            "will be discarded", self.name, claim.job_id)
+                return
 
-    def _fail(self, job, reason: str, permanent: bool) -> None:
+    def _fail(self, job, claim: jobs.Claim, reason: str, permanent: bool) -> None:
         log.warning("job %s failed: %s", job["id"], reason)
-        with self.engine.begin() as connection:
-            if permanent:
-                jobs.finish(connection, job["id"], job["study_uid"], "failed", reason)
-            else:
-                jobs.retry_or_fail(
-                    connection, job["id"], job["study_uid"], job["attempts"], self.config.node.max_attempts, reason
-                )
+        try:
+            with self.engine.begin() as connection:
+                if permanent:
+                    jobs.finish(connection, job["id"], job["study_uid"], "failed", reason, claim)
+                else:
+                    jobs.retry_or_fail(connection, job["id"], job["study_uid"], job["attempts"],
+                                       self.config.node.max_attempts, reason, claim)
+        except jobs.LeaseLost as lost:
+            log.warning("the failure of job %s is not recorded: %s", job["id"], lost)
 
     def _series_paths(self, series_uid: str) -> list[Path]:
-        with self.engine.connect() as connection:
+        with db.reading(self.engine) as connection:
             rows = connection.execute(
                 select(db.instances.c.path).where(db.instances.c.series_uid == series_uid)
             ).all()
@@ -232,7 +241,7 @@ class Worker:
             ).all()
         return {row.kind: row for row in rows}  # later rows overwrite earlier ones
 
-    def _run(self, job, pipeline: Pipeline) -> None:
+    def _run(self, job, claim: jobs.Claim, pipeline: Pipeline) -> None:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         paths = self._series_paths(job["series_uid"])
@@ -247,37 +256,59 @@ class Worker:
         labels = bundle.predict(volume)
         timings.update(bundle.timings)
         encoding = time.perf_counter()
-        masks = volume.frame_masks(labels)
-        scanned = scan_labels(masks, list(bundle.info.labels))
-        segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
-        unknown = sorted({s.name for s in segments if not s.codes.known})
-        description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
-        series_number = self.config.series_number(pipeline)
-        seg = None
-        if any(segment.present for segment in segments):
-            seg = build_seg(volume, scanned, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
-        previous = self._previous_results(job)
-        previous_sr = []
-        if "SR" in previous and Path(previous["SR"].path).exists():
-            previous_sr = [pydicom.dcmread(previous["SR"].path)]
-        sr = build_sr(volume, seg.dataset if seg is not None else None, segments, bundle.info, self.equipment,
-                      series_number + 1, f"SR {description}", previous_sr)
-        outputs = [("SR", sr, file_bytes(sr))]
-        if seg is not None:
-            outputs.insert(0, ("SEG", seg.dataset, seg.encode()))
-            if pipeline.outlines:
-                outputs += [("SC", image, file_bytes(image)) for image in build_outline_images(
-                    volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
+        try:
+            masks = volume.frame_masks(labels)
+            scanned = scan_labels(masks, list(bundle.info.labels))
+            segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
+            unknown = sorted({s.name for s in segments if not s.codes.known})
+            description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
+            series_number = self.config.series_number(pipeline)
+            seg = None
+            if any(segment.present for segment in segments):
+                seg = build_seg(volume, scanned, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
+            previous = self._previous_results(job)
+            previous_sr = []
+            if "SR" in previous and Path(previous["SR"].path).exists():
+                previous_sr = [pydicom.dcmread(previous["SR"].path)]
+            sr = build_sr(volume, seg.dataset if seg is not None else None, segments, bundle.info, self.equipment,
+                          series_number + 1, f"SR {description}", previous_sr)
+            outputs = [("SR", sr, file_bytes(sr))]
+            if seg is not None:
+                outputs.insert(0, ("SEG", seg.dataset, seg.encode()))
+                if pipeline.outlines:
+                    outputs += [("SC", image, file_bytes(image)) for image in build_outline_images(
+                        volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
+        except (GeometryError, MemoryError):
+            raise
+        except Exception as error:  # the same inputs would fail the same way: not retried
+            log.exception("job %s: the results could not be built", job["id"])
+            raise JobFailure(f"the results could not be built from this series ({type(error).__name__}: {error}); "
+                             "the details are in the worker's log") from error
         timings["encode"] = time.perf_counter() - encoding
-        written = []
-        for kind, dataset, data in outputs:
-            path = store.result_path(
-                self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
-            )
-            store.write_durably(path, data)
-            written.append((kind, dataset, path))
-        timings["write"] = time.perf_counter() - encoding - timings["encode"]
+        written: list[tuple[str, pydicom.Dataset, Path]] = []
+        try:
+            for kind, dataset, data in outputs:
+                path = store.result_path(
+                    self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+                )
+                store.write_durably(path, data)
+                written.append((kind, dataset, path))
+            timings["write"] = time.perf_counter() - encoding - timings["encode"]
+            self._record(job, claim, pipeline, written, segments, unknown, previous, timings)
+        except BaseException as error:
+            for _, _, path in written:  # never recorded: nothing refers to them (a crash here: `reindex`)
+                path.unlink(missing_ok=True)
+            if isinstance(error, jobs.LeaseLost):
+                log.warning("results of job %s discarded: %s", job["id"], error)
+                return
+            raise
+
+    def _record(self, job, claim: jobs.Claim, pipeline: Pipeline, written, segments, unknown: list[str],
+                previous: dict, timings: dict[str, float]) -> None:
+        """In one transaction fenced by the claim: the job done, its result rows and their
+        deliveries. A worker that lost its claim records nothing (`jobs.LeaseLost`)."""
         with self.engine.begin() as connection:
+            jobs.finish(connection, job["id"], job["study_uid"], "done", None, claim)
             for kind, dataset, path in written:
                 result_id = connection.execute(
                     db.results.insert().values(
@@ -312,7 +343,6 @@ class Worker:
                              f"labels without a known code, sent with a generic one: {', '.join(unknown)}")
             db.log_event(connection, study, "info", f"job {job['id']} timings: " +
                          ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()))
-            jobs.finish(connection, job["id"], study, "done", None)
 
     def _build_ahead(self) -> None:
         """Idle time goes to the volumes of studies about to complete (`prefetch`); a failure
@@ -324,7 +354,7 @@ class Worker:
 
     def run_forever(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
-        signal.signal(signal.SIGTERM, _raise_shutdown)
+        signal.signal(signal.SIGTERM, _SHUTDOWN.handle)
         signal.signal(signal.SIGALRM, _raise_timeout)
         reuse_freed_memory()
         try:
@@ -338,5 +368,30 @@ class Worker:
             log.info("worker %s stopping at SIGTERM", self.name)
 
 
-def _raise_shutdown(_signum, _frame) -> None:
-    raise ShutdownRequested()
+class _ShutdownSignal:
+    """SIGTERM raises ShutdownRequested in the main thread, except while deferred (a job being
+    claimed), when it is kept until `resume`. Python runs signal handlers in the main thread
+    whichever thread the kernel delivered the signal to, so a flag here holds for all of them,
+    where a signal mask holds only for the thread that sets it."""
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self.pending = False
+
+    def handle(self, _signum, _frame) -> None:
+        if self.deferred:
+            self.pending = True
+            return
+        raise ShutdownRequested()
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def resume(self) -> None:
+        self.deferred = False
+        if self.pending:
+            self.pending = False
+            raise ShutdownRequested()
+
+
+_SHUTDOWN = _ShutdownSignal()

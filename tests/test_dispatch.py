@@ -42,7 +42,7 @@ def _storescp(folder: Path, *options: str) -> Iterator[Destination]:
         process.wait()
 
 
-def _send(destination: Destination, paths: list[Path]) -> dict[str, str | None]:
+def _send(destination: Destination, paths: list[Path]) -> dict[str, dispatch.Outcome]:
     config = Config(destinations=[destination])
     echo = ["echoscu", destination.host, str(destination.port)]
     wait_for(
@@ -64,7 +64,7 @@ def test_accepted_syntax_is_sent_as_stored_without_decoding(tmp_path, results, m
     monkeypatch.setattr(dispatch.pydicom, "dcmread", no_decoding)
     monkeypatch.setattr(pynetdicom.association, "dcmread", no_decoding)
     with _storescp(tmp_path / "pacs") as destination:
-        assert _send(destination, results) == {str(p): None for p in results}
+        assert _send(destination, results) == {str(p): dispatch.SENT for p in results}
     monkeypatch.undo()
     received = _received(tmp_path / "pacs")
     for path in results:
@@ -76,7 +76,7 @@ def test_accepted_syntax_is_sent_as_stored_without_decoding(tmp_path, results, m
 
 def test_a_peer_that_declines_the_stored_syntax_gets_a_converted_copy(tmp_path, results) -> None:
     with _storescp(tmp_path / "pacs", "+xi") as destination:  # implicit VR little endian only
-        assert _send(destination, results) == {str(p): None for p in results}
+        assert _send(destination, results) == {str(p): dispatch.SENT for p in results}
     received = _received(tmp_path / "pacs")
     assert len(received) == len(results)
     for path in results:

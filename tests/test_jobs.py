@@ -57,7 +57,7 @@ def test_transient_failures_back_off_then_fail_with_the_reason(engine):
             with engine.begin() as connection:
                 connection.execute(update(db.jobs).values(not_before=0))
     assert row["state"] == "failed" and row["reason"] == "disk hiccup (after 3 attempts)"
-    assert jobs.requeue_failed(engine, ["1.1"]) == 1
+    assert jobs.requeue_failed(engine, ["1.1"]).jobs == 1
     assert state_of(engine, job["id"])["state"] == "queued"
 
 
@@ -100,4 +100,5 @@ def test_a_time_limit_wrapped_by_a_monai_transform_is_still_a_time_limit():
     except RuntimeError as wrapped:
         assert classify_failure(wrapped, 5) == ("exceeded the time limit of 5 s (timeout_seconds)", True)
     assert classify_failure(GeometryError("uneven"), 5) == ("uneven", True)
-    assert classify_failure(OSError("disk hiccup"), 5) == ("OSError: disk hiccup", False)
+    assert classify_failure(OSError("disk hiccup"), 5) == (
+        "unexpected error (OSError: disk hiccup); the details are in the worker's log", False)
