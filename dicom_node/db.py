@@ -191,18 +191,29 @@ def connect(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
-    metadata.create_all(engine, checkfirst=True)
+    _create_missing_tables(engine)
     _add_missing_columns(engine)
     return engine
 
 
+def _create_missing_tables(engine: Engine) -> None:
+    """The schema's tables, where they are missing. Looked at first without a transaction: on
+    SQLite the check would otherwise take the write lock, and `dicom-node status` wait behind
+    any writer."""
+    with reading(engine) as connection:
+        present = set(inspect(connection).get_table_names())
+    if not {table.name for table in metadata.sorted_tables} <= present:
+        metadata.create_all(engine, checkfirst=True)
+
+
 def _add_missing_columns(engine: Engine) -> None:
     """Columns added since a database was created, added to it in place (all nullable)."""
-    inspector = inspect(engine)
     missing = []
-    for table in metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing += [(table, column) for column in table.columns if column.name not in present]
+    with reading(engine) as connection:  # no lock taken for the usual answer: nothing is missing
+        inspector = inspect(connection)
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            missing += [(table, column) for column in table.columns if column.name not in present]
     if not missing:
         return  # the usual case: no write transaction, so every process of the node may call this
     with engine.begin() as connection:

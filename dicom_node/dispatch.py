@@ -90,13 +90,16 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.requested_contexts = _contexts(metas)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
+    # A peer that rejects every proposed context is answered with an abort by pynetdicom: its
+    # answer still says which SOP classes it does not take, and those will never go.
+    answered = assoc.is_established or (assoc.is_aborted and bool(assoc.rejected_contexts))
+    if not answered:
         reason = Outcome(f"association with {destination.ae_title}@{destination.host}:{destination.port} failed")
         return outcome | {path: reason for path in metas}
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in assoc.accepted_contexts}
     try:
         for path, meta in metas.items():
-            if not assoc.is_established:
+            if not assoc.is_established and accepted:
                 outcome[path] = Outcome("the association was lost before this result was sent")
                 continue
             outcome[path] = _send_one(assoc, path, meta, accepted, destination)
