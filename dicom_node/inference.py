@@ -55,7 +55,7 @@ def read_bundle_info(bundle_dir: Path) -> BundleInfo:
     metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     output = outputs.get("pred") or next(iter(outputs.values()), {})
-    channel_def = output.get("channel_def", {})
+    channel_def = output.get("channel_def") or output.get("label_def") or {}  # the Zoo writes either
     labels = {
         int(value): str(name)
         for value, name in channel_def.items()
@@ -79,6 +79,23 @@ def _without_file_transforms(transform: Compose) -> Compose:
     # In place: Invertd holds a reference to this very Compose and must see the same list.
     transform.transforms = tuple(t for t in transform.transforms if not isinstance(t, FILE_TRANSFORMS))
     return transform
+
+
+FILE_TRANSFORM_NAMES = frozenset(transform.__name__ for transform in FILE_TRANSFORMS)
+
+
+def _drop_file_transforms_from_config(parser: ConfigParser, key: str) -> None:
+    """Take the file steps out of the ``key`` Compose before it is instantiated: instantiating
+    them may need a package the node never uses (``LoadImaged(reader="ITKReader")`` needs
+    ITK), only for the step to be thrown away. Steps written as expressions are still removed
+    after instantiation (`_without_file_transforms`)."""
+    transforms = parser.get(f"{key}#transforms")
+    if not isinstance(transforms, list):
+        return
+    kept = [t for t in transforms
+            if not (isinstance(t, dict) and str(t.get("_target_", "")).rsplit(".", 1)[-1] in FILE_TRANSFORM_NAMES)]
+    if len(kept) != len(transforms):
+        parser[f"{key}#transforms"] = kept
 
 
 def _config_file(bundle_dir: Path) -> Path:
@@ -143,6 +160,8 @@ class Bundle:
         parser["device"] = device
         self.image_key = parser.get("image_key", "image")
         self.network = _load_weights(bundle_dir, parser, device).eval()
+        for key in ("preprocessing", "postprocessing"):
+            _drop_file_transforms_from_config(parser, key)
         self.preprocessing = _without_file_transforms(parser.get_parsed_content("preprocessing"))
         self.postprocessing = _without_file_transforms(parser.get_parsed_content("postprocessing"))
         self.inferer = parser.get_parsed_content("inferer")

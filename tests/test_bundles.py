@@ -45,7 +45,7 @@ def zoo_bundle(name: str, folder: Path, torchscript: bool = False) -> Path:
     for path in [bundle, *bundle.rglob("*")]:  # the shared copy may be read-only
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
     parser = ConfigParser()
-    parser.read_config(bundle / "configs" / "inference.json")
+    parser.read_config(next((bundle / "configs").glob("inference.*")))
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def").eval()
     (bundle / "models").mkdir()
@@ -69,7 +69,11 @@ def saved_errors(data: bytes, folder: Path) -> list[str]:
     return dciodvfy_errors(path)
 
 
-@pytest.mark.parametrize("name, channels", [("spleen_ct_segmentation", 2), ("wholeBody_ct_segmentation", 105)])
+@pytest.mark.parametrize("name, channels", [
+    ("spleen_ct_segmentation", 2),
+    ("wholeBody_ct_segmentation", 105),
+    ("pediatric_abdominal_ct_segmentation", 4),  # configs in YAML, scripts of its own, labels in label_def
+])
 def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_path, ct_volume, name, channels):
     bundle = Bundle(zoo_bundle(name, tmp_path), CPU)
     assert len(bundle.info.labels) == channels - 1
