@@ -5,7 +5,7 @@ series are matched against every pipeline and one job is queued per chosen serie
 transaction that marks the study complete: a crash cannot leave a complete study without jobs.
 
 Matching reads every header of the study (0.4 s for a 300-image CT). That reading starts when a
-study has been quiet for half of ``stable_after``, so that completing it only reads again the
+study has been quiet for a quarter of ``stable_after`` (`READ_AHEAD_FRACTION`), so that completing it only reads again the
 series whose files changed since: the quiet period is mostly idle time anyway.
 """
 

@@ -188,6 +188,13 @@ class Config(Strict):
             unknown = set(pipeline.destinations) - set(names)
             if unknown:
                 raise ValueError(f"pipeline {pipeline.name!r} names unknown destinations {sorted(unknown)}")
+        taken: dict[int, str] = {}
+        for pipeline in self.pipelines:
+            for number in range(self.series_number(pipeline), self.series_number(pipeline) + 3):
+                if number in taken:
+                    raise ValueError(f"pipelines {taken[number]!r} and {pipeline.name!r} would both write series "
+                                     f"number {number} (SEG, SR and outlines take series_number to series_number + 2)")
+                taken[number] = pipeline.name
         return self
 
     def destination(self, name: str) -> Destination:

@@ -1,7 +1,7 @@
 """Volumes an idle worker builds ahead of their jobs, while their study is still quiet.
 
 Building the volume (every header, then every image) is the first second of a job, and it can
-start before the job exists: once a study has been quiet for half of ``stable_after`` it has
+start before the job exists: once a study has been quiet for a quarter of ``stable_after`` it has
 most likely stopped arriving, and the series the pipelines will take are known from the same
 rules completion applies. An idle worker reads those series then, keeping each volume with the
 size and modification time of every file it came from. The job takes the volume only if its
@@ -37,7 +37,7 @@ class VolumePrefetch:
         self._volumes: dict[tuple[str, str], tuple[tuple, Volume, float]] = {}
 
     def build_ahead(self) -> None:
-        """Build the volumes the pipelines would take from the studies quiet for half of
+        """Build the volumes the pipelines would take from the studies quiet for a quarter of
         ``stable_after`` (between jobs only: a job waits at most for the volume in progress)."""
         now = time.monotonic()
         for key in [key for key, (_, _, built) in self._volumes.items() if now - built > KEEP_SECONDS]:

@@ -65,8 +65,16 @@ def receiver_process(config_path: Path, listening: socket.socket, max_associatio
 
 def receiver_count(config: Config) -> int:
     """As configured (one by default), or with 0 one per core, at most 4: more than the cores
-    cannot run at once, and all receivers index through SQLite's one write lock."""
-    return config.node.receivers or min(os.cpu_count() or 1, 4)
+    cannot run at once, and all receivers index through SQLite's one write lock. Never more
+    than max_associations: a receiver with no share would refuse every connection it got."""
+    return min(config.node.receivers or min(os.cpu_count() or 1, 4), config.node.max_associations)
+
+
+def association_shares(max_associations: int, receivers: int) -> list[int]:
+    """Each receiver process's part of ``max_associations``: as equal as can be, and adding up
+    to it exactly, so that the node never holds more than it is configured to."""
+    share, rest = divmod(max_associations, receivers)
+    return [share + (index < rest) for index in range(receivers)]
 
 
 def worker_process(config_path: Path, parent: int, jobs_queued: Bell, results_recorded: list[Ringer]) -> None:
@@ -183,16 +191,17 @@ def serve(config_path: Path) -> int:
     recover_incoming(config, engine)
     reindex_after_boot(config, engine, current_boot())
     count = receiver_count(config)
-    share = -(-config.node.max_associations // count)  # an equal share each, rounded up
+    shares = association_shares(config.node.max_associations, count)
 
-    def start_receiver() -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+    def start_receiver(index: int) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
         ready = context.Event()
-        process = context.Process(target=receiver_process, args=(config_path, listening, share, os.getpid(), ready),
+        process = context.Process(target=receiver_process,
+                                  args=(config_path, listening, shares[index], os.getpid(), ready),
                                   daemon=True)
         process.start()
         return process, ready
 
-    started = [start_receiver() for _ in range(count)]
+    started = [start_receiver(index) for index in range(count)]
     receivers = [process for process, _ in started]
     for process, ready in started:
         while not ready.wait(timeout=1.0):
@@ -246,7 +255,7 @@ def serve(config_path: Path) -> int:
         for index, process in enumerate(receivers):
             if not process.is_alive():
                 log.error("receiver %d exited with %s; restarting it", process.pid, process.exitcode)
-                receivers[index] = start_receiver()[0]
+                receivers[index] = start_receiver(index)[0]
         for index, process in enumerate(workers):
             if not process.is_alive():
                 log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)

@@ -52,3 +52,20 @@ def test_mistakes_are_refused_by_name(tmp_path, change, message):
     path.write_text(MINIMAL.replace(*change))
     with pytest.raises(ValidationError, match=message):
         load_config(path)
+
+
+def test_pipelines_whose_series_numbers_meet_are_refused(tmp_path):
+    path = tmp_path / "node.toml"
+    second = '\n[[pipelines]]\nname = "second"\nmodel = "models/ct_body_demo"\nseries_number = 901\n'
+    path.write_text(MINIMAL + second)
+    with pytest.raises(ValidationError, match="'ct-demo' and 'second' would both write series number 901"):
+        load_config(path)
+    path.write_text(MINIMAL + second.replace("901", "910"))
+    assert load_config(path).series_number(load_config(path).pipelines[1]) == 910
+
+
+@pytest.mark.parametrize("total, receivers, shares", [(64, 1, [64]), (64, 3, [22, 21, 21]), (5, 2, [3, 2])])
+def test_association_shares_add_up_to_max_associations(total, receivers, shares):
+    from dicom_node.service import association_shares
+
+    assert association_shares(total, receivers) == shares
