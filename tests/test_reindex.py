@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from dicom_node import db, store
+from dicom_node import db, jobs, store
 from dicom_node.config import load_config
 from dicom_node.receive import Receiver
 from dicom_node.reindex import CHECKED_MARKER, recover_incoming, reindex_after_boot
+from dicom_node.service import resume_after_restart
 from tests.support.ct_study import small_study
 from tests.support.peers import write_node_config
 
@@ -127,3 +130,40 @@ def test_instances_left_in_the_incoming_folder_are_renamed_into_place_and_indexe
     assert digest == hashlib.sha256(paths[0].read_bytes()).hexdigest()
     assert any(str(cut_short) in record.getMessage() for record in caplog.records)
     assert recover_incoming(config, engine) == 0
+
+
+def test_of_two_versions_left_in_the_incoming_folder_the_newer_wins(tmp_path, node):
+    """``9-10.slot`` was made after ``9-9.slot``, and written after it: compared as text, the
+    older would be indexed last and win."""
+    config, engine = node
+    _, paths = small_study(tmp_path / "study", slices=1)
+    older, newer = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[0])
+    newer.PatientName = "Newer^Version"
+    incoming = store.incoming_folder(config.node.data_dir)
+    incoming.mkdir(parents=True)
+    older.save_as(incoming / "9-9.slot")
+    newer.save_as(incoming / "9-10.slot")
+    os.utime(incoming / "9-9.slot", ns=(1_000_000_000, 1_000_000_000))
+    os.utime(incoming / "9-10.slot", ns=(2_000_000_000, 2_000_000_000))
+    recover_incoming(config, engine)
+    [(path,)] = rows(engine, "SELECT path FROM instances")
+    assert pydicom.dcmread(path).PatientName == "Newer^Version"
+
+
+def test_results_an_interrupted_job_wrote_and_never_recorded_are_removed_at_start(tmp_path, node):
+    config, engine = node
+    with engine.begin() as connection:
+        connection.execute(db.studies.insert().values(study_uid="1.2.3", state="complete", first_received_at=0,
+                                                      last_received_at=0))
+        jobs.enqueue(connection, "1.2.3", "1.2.3.4", "", "ct")
+        connection.execute(db.jobs.update().values(state="running", worker=f"{socket.gethostname()}:999999999"))
+    recorded = store.result_path(config.node.data_dir, "1.2.3", "1.2.3.5", "1.2.3.5.1")
+    orphan = store.result_path(config.node.data_dir, "1.2.3", "1.2.3.6", "1.2.3.6.1")
+    for path in (recorded, orphan):
+        store.write_durably(path, b"result")
+    with engine.begin() as connection:
+        [job_id] = connection.execute(db.jobs.select().with_only_columns(db.jobs.c.id)).scalars()
+        connection.execute(db.results.insert().values(job_id=job_id, kind="SEG", sop_instance_uid="1.2.3.5.1",
+                                                      series_uid="1.2.3.5", path=str(recorded), created_at=0))
+    resume_after_restart(config, engine)
+    assert recorded.exists() and not orphan.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from tests.support.ct_study import DEMO_BUNDLE, small_study
 from tests.support.peers import start_node, storescu, wait_for, write_node_config
@@ -84,3 +85,32 @@ def test_a_killed_worker_is_replaced_and_the_next_study_is_processed(tmp_path, n
         assert node.echo()
     finally:
         node.stop()
+
+
+def test_a_job_that_fails_near_its_time_limit_is_recorded_without_the_alarm_cutting_in(tmp_path, monkeypatch):
+    """The alarm of timeout_seconds is disarmed before a failure is recorded: one that came
+    while the failure was being written would take the worker down with it."""
+    from dicom_node import db, jobs, worker
+    from tests.support.ct_study import StudyInfo, ct_series, make_phantom
+    from tests.support.received import stored_by_receiver
+
+    images = ct_series(make_phantom((32, 32, 4), (4.0, 4.0, 4.0), seed=3), StudyInfo(), 2, "alarm")
+    config, engine = stored_by_receiver(tmp_path, images, stable_after=60)
+    config = config.model_copy(update={"pipelines": [config.pipelines[0].model_copy(update={"timeout_seconds": 0.3})]})
+    with engine.begin() as connection:
+        jobs.enqueue(connection, images[0].StudyInstanceUID, images[0].SeriesInstanceUID, "no such stack", "ct")
+    finish = jobs.finish
+
+    def slow_finish(*args, **kwargs):
+        time.sleep(0.6)  # past the time limit, while the failure is recorded
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "finish", slow_finish)
+    previous = signal.signal(signal.SIGALRM, worker._raise_timeout)
+    try:
+        assert worker.Worker(config, engine).run_once()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    with db.reading(engine) as connection:
+        [(state, reason)] = connection.execute(db.jobs.select().with_only_columns(db.jobs.c.state, db.jobs.c.reason))
+    assert state == "failed" and "no such stack" in reason
