@@ -253,9 +253,14 @@ def test_the_maximum_pdu_length_announced_is_the_one_read(node):
 
     association, _ = associated(node)
     association.send(p_data(c_store_rq(CTImageStorage, generate_uid()), command=True))
-    association.send(data_pdu(bytes(1024 * 1024 + 1), last=True))  # one byte over the announced length
-    assert association.read_pdu()[0] == 0x07
+    try:
+        association.send(data_pdu(bytes(1024 * 1024 + 1), last=True))  # one byte over the announced length
+    except OSError:
+        pass  # the node may abort before the whole PDU is sent
+    answer = association.read_pdu()
+    assert answer is None or answer[0] == 0x07, "aborted"
     association.sock.close()
+    assert "more than the 1048576 the node reads here" in node.log()
 
 
 def test_a_pynetdicom_sender_stores_an_instance_larger_than_a_pdu(node):
