@@ -21,7 +21,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.peers import dcmtk_env, free_port, start_node, start_orthanc, wait_for, write_node_config  # noqa: E402,F401
+from tests.support.peers import dcmtk_env, free_port, start_node, start_orthanc, wait_for, write_node_config  # noqa: F401
 
 
 def write_ct(folder: Path, slices: int, size: int, series_description: str = "benchmark") -> list[Path]:

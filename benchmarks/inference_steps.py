@@ -21,17 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from dicom_node.inference import Bundle  # noqa: E402
-from dicom_node.job_memory import give_back_freed_memory, reuse_freed_memory  # noqa: E402
-from dicom_node.results.equipment import Equipment  # noqa: E402
-from dicom_node.results import file_bytes  # noqa: E402
-from dicom_node.results.seg import build_seg, segments_of  # noqa: E402
-from dicom_node.results.seg_frames import scan_labels  # noqa: E402
-from dicom_node.results.sr import build_sr  # noqa: E402
-from dicom_node.volume import load_volume, read_frames  # noqa: E402
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, write_series  # noqa: E402
+from dicom_node.compute.bundle import Bundle
+from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
+from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.results import file_bytes
+from dicom_node.results.equipment import Equipment
+from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.seg_frames import scan_labels
+from dicom_node.results.sr import build_sr
+from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, write_series
 
 
 def timed(function, *args):

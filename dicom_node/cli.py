@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import __version__
-from .printable import printable
-
-
-class PrintableFormatter(logging.Formatter):
-    """Every log line is one line of printable text, whatever a peer put in the values it
-    names (`printable`); a traceback keeps its own lines."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message)
-        return super().formatMessage(record)
-
-
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    # pynetdicom and highdicom narrate every PDU and module at INFO; operators need our lines.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+from dicom_node import __version__
+from dicom_node.logs import setup_logging
+from dicom_node.printable import printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
-    from .config import load_config
+    from dicom_node.config import load_config
 
     try:
         config = load_config(args.config)
@@ -65,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicom-node: invalid configuration {args.config}: {error}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        from .service import serve
+        from dicom_node.service import serve
 
         return serve(args.config)
     if args.command == "worker":
-        from .service import run_worker
+        from dicom_node.service import run_worker
 
         return run_worker(args.config)
-    from . import db
+    from dicom_node.state import db
 
     database = config.database_path
     if not database.exists():
@@ -87,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               ", ".join(printable(uid) for uid in unknown), file=sys.stderr)
         return 1
     if args.command == "retry":
-        from .jobs import requeue_failed
+        from dicom_node.state.jobs import requeue_failed
 
         retried = requeue_failed(engine, args.studies)
         print(f"{retried.jobs} failed job(s) re-queued")
@@ -97,16 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{retried.dead_letters} dead-lettered deliveries pending again")
         return 0
     if args.command == "rerun":
-        from .jobs import rerun
+        from dicom_node.state.jobs import rerun
 
         print(f"{rerun(engine, args.studies)} job(s) queued to run again")
         return 0
     if args.command == "explain":
-        from .completion import explain
+        from dicom_node.state.completion import explain
 
         print(explain(config, engine, args.study))
         return 0
-    from .status import collect, render
+    from dicom_node.state.status import collect, render
 
     print(render(collect(engine)))
     return 0

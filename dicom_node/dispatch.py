@@ -26,8 +26,8 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import Engine, select, update
 
-from . import db
-from .config import Config, Destination
+from dicom_node.config import Config, Destination
+from dicom_node.state import db
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,19 @@ from pathlib import Path
 
 from sqlalchemy import update
 
-from . import db, jobs
-from .completion import ReadAhead, complete_quiet_studies
-from .config import Config, Destination, load_config
-from .dispatch import deliver_due
-from .doorbell import Bell, Ringer, doorbell
-from .receive import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
-from .reindex import current_boot, recover_incoming, reindex_after_boot, remove_unrecorded_results
+from dicom_node.config import Config, Destination, load_config
+from dicom_node.dispatch import deliver_due
+from dicom_node.doorbell import Bell, Ringer, doorbell
+from dicom_node.ingest.receiver import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
+from dicom_node.ingest.recovery import (
+    current_boot,
+    recover_incoming,
+    reindex_after_boot,
+    remove_unrecorded_results,
+)
+from dicom_node.logs import setup_logging
+from dicom_node.state import db, jobs
+from dicom_node.state.completion import ReadAhead, complete_quiet_studies
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,6 @@ def receiver_process(config_path: Path, listening: socket.socket, max_associatio
                      ready: multiprocessing.synchronize.Event) -> None:
     """Entry point of a receiver process: serves the shared socket until SIGTERM, then lets the
     C-STOREs in flight finish (see Receiver.stop). Sets ``ready`` once it serves."""
-    from .cli import setup_logging
 
     setup_logging()
     _die_with_parent(parent)
@@ -81,8 +86,7 @@ def worker_process(config_path: Path, parent: int, jobs_queued: Bell, results_re
     """Entry point of a worker process (spawned, so it imports torch on its own). It runs until
     SIGTERM, which releases the job in progress for the next start. Completion rings
     ``jobs_queued``; it rings each of ``results_recorded`` (one per destination's dispatcher)."""
-    from .cli import setup_logging
-    from .worker import Worker  # torch and MONAI load here, never in the receiving process
+    from dicom_node.compute.worker import Worker  # torch and MONAI load here, never in the receiving process
 
     setup_logging()
     _die_with_parent(parent)
@@ -281,7 +285,7 @@ def serve(config_path: Path) -> int:
 
 def run_worker(config_path: Path) -> int:
     """`dicom-node worker`: only the inference loop, for extra hosts sharing the database."""
-    from .worker import Worker
+    from dicom_node.compute.worker import Worker
 
     config = load_config(config_path)
     stop = threading.Event()

@@ -9,10 +9,10 @@ import time
 
 from sqlalchemy import update
 
-from dicom_node import db
-from dicom_node.completion import ReadAhead, complete_quiet_studies
+from dicom_node.compute.worker import Worker
 from dicom_node.doorbell import Ringer, doorbell
-from dicom_node.worker import Worker
+from dicom_node.state import db
+from dicom_node.state.completion import ReadAhead, complete_quiet_studies
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 from tests.support.received import stored_by_receiver
 

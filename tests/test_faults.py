@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node.reindex import CHECKED_MARKER
+from dicom_node.ingest.recovery import CHECKED_MARKER
 from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, make_phantom, small_study, write_series
 from tests.support.peers import (
     dcmtk_env,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
 
-from .. import __version__
+from dicom_node import __version__
 
 MANUFACTURER = "dicom-node"
 MODEL_NAME = "dicom-node"

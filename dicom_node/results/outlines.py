@@ -17,9 +17,9 @@ from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from scipy.ndimage import binary_erosion
 
-from ..volume import Frame, Volume
-from .equipment import MANUFACTURER, Equipment
-from .seg import Segment
+from dicom_node.compute.volume import Frame, Volume
+from dicom_node.results.equipment import MANUFACTURER, Equipment
+from dicom_node.results.seg import Segment
 
 # Colours of segments that have none of their own (the override file may give one): distinct
 # from each other and from grey.

@@ -16,11 +16,11 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ..inference import BundleInfo
-from ..volume import GeometryError, Volume
-from . import file_bytes, seg_frames
-from .codes import SegmentCodes, codes_for_label
-from .equipment import MANUFACTURER, MODEL_NAME, Equipment
+from dicom_node.bundle_info import BundleInfo
+from dicom_node.compute.volume import GeometryError, Volume
+from dicom_node.results import file_bytes, seg_frames
+from dicom_node.results.codes import SegmentCodes, codes_for_label
+from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment
 
 log = logging.getLogger(__name__)
 

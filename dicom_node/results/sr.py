@@ -14,10 +14,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from ..inference import BundleInfo
-from ..volume import Volume
-from .equipment import MANUFACTURER, MODEL_NAME, Equipment
-from .seg import Segment
+from dicom_node.bundle_info import BundleInfo
+from dicom_node.compute.volume import Volume
+from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment
+from dicom_node.results.seg import Segment
 
 MILLILITER = Code("mL", "UCUM", "milliliter")
 ENGLISH = Code("en-US", "RFC5646", "English (United States)")

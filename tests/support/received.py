@@ -13,10 +13,10 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import Engine
 
-from dicom_node import db
-from dicom_node.acceptor import StoreRequest
 from dicom_node.config import Config, load_config
-from dicom_node.receive import Receiver
+from dicom_node.ingest.acceptor import StoreRequest
+from dicom_node.ingest.receiver import Receiver
+from dicom_node.state import db
 from tests.support.ct_study import DEMO_BUNDLE
 from tests.support.peers import write_node_config
 from tests.support.raw_dul import dataset_bytes

@@ -1,0 +1,308 @@
+"""A DICOM series to a volume with its exact geometry, and a volume's masks back to the images.
+
+The volume array is indexed ``[i, j, k]`` = (column, row, slice), as NIfTI tools such as
+dcm2niix lay it out, and comes with its affine in RAS millimetres, the convention MONAI's
+readers give bundles. A slice is a *frame*: a single-frame image, or one frame of an Enhanced
+multi-frame image (geometry from its functional groups). Frames are ordered by the projection of
+their Image Position (Patient) on the slice normal, never by Instance Number, and slice spacing
+comes from those positions, never from Slice Thickness.
+
+What cannot be represented exactly is refused with a reason rather than silently distorted:
+
+- several frames at one position are first split into stacks (acquisition, echo, temporal
+  position); a stack that still repeats a position is refused;
+- uneven spacing (a missing slice, a variable-pitch acquisition) is refused: resampling would
+  put mask voxels between source images that a SEG cannot reference;
+- a stack whose positions drift sideways from the normal (gantry tilt, shear) is refused;
+- frames of different orientation, size or pixel spacing are refused.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+
+from dicom_node.compute.native_pixels import read_native_pixels
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Relative tolerance on slice spacing, and absolute tolerance (mm) on stack alignment.
+SPACING_TOLERANCE = 0.01
+ALIGNMENT_TOLERANCE_MM = 0.05
+# Attributes that tell apart stacks sharing positions, with the words used to name them.
+STACK_ATTRIBUTES = (
+    ("AcquisitionNumber", "acquisition"),
+    ("EchoNumbers", "echo"),
+    ("TemporalPositionIdentifier", "temporal position"),
+    ("TemporalPositionIndex", "temporal position"),
+    ("StackID", "stack"),
+)
+
+
+class GeometryError(ValueError):
+    """The series cannot become one regular volume; the message says why, for the operator."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image: a single-frame instance, or one frame of a multi-frame instance."""
+
+    header: Dataset = field(repr=False)  # the instance's header, without pixel data
+    path: Path
+    index: int | None  # 0-based frame number in a multi-frame instance; None for single-frame
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]  # row cosines then column cosines
+    pixel_spacing: tuple[float, float]  # between rows, between columns
+    slope: float
+    intercept: float
+    stack_values: tuple[tuple[str, str], ...]  # (name, value) of STACK_ATTRIBUTES present
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.orientation[:3], self.orientation[3:])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.header.Rows), int(self.header.Columns)
+
+
+def _first(dataset: Dataset, sequence: str) -> Dataset | None:
+    items = dataset.get(sequence)
+    return items[0] if items else None
+
+
+def _functional_group(header: Dataset, per_frame: Dataset | None, sequence: str) -> Dataset | None:
+    """A functional group item, per-frame first, then shared (PS3.3 C.7.6.16)."""
+    for groups in (per_frame, _first(header, "SharedFunctionalGroupsSequence")):
+        if groups is not None and sequence in groups:
+            return groups[sequence][0]
+    return None
+
+
+def _stack_values(*datasets: Dataset | None) -> tuple[tuple[str, str], ...]:
+    values = []
+    for keyword, name in STACK_ATTRIBUTES:
+        for dataset in datasets:
+            if dataset is not None and keyword in dataset and dataset[keyword].value not in (None, ""):
+                values.append((name, str(dataset[keyword].value)))
+                break
+    return tuple(values)
+
+
+def frames_of(header: Dataset, path: Path) -> list[Frame]:
+    """The frames of one stored instance with the geometry each one has."""
+    if "PerFrameFunctionalGroupsSequence" not in header:
+        for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+            if keyword not in header:
+                raise GeometryError(f"instance {header.SOPInstanceUID} has no {keyword}")
+        return [_frame(header, path, None, header, header, header, header, _stack_values(header))]
+    frames = []
+    for index, per_frame in enumerate(header.PerFrameFunctionalGroupsSequence):
+        position = _functional_group(header, per_frame, "PlanePositionSequence")
+        orientation = _functional_group(header, per_frame, "PlaneOrientationSequence")
+        measures = _functional_group(header, per_frame, "PixelMeasuresSequence")
+        transform = _functional_group(header, per_frame, "PixelValueTransformationSequence")
+        if position is None or orientation is None or measures is None:
+            raise GeometryError(f"frame {index + 1} of {header.SOPInstanceUID} lacks plane position or orientation")
+        content = _first(per_frame, "FrameContentSequence")
+        frames.append(
+            _frame(header, path, index, position, orientation, measures, transform, _stack_values(content, header))
+        )
+    return frames
+
+
+def _frame(header, path, index, position, orientation, measures, transform, stack_values) -> Frame:
+    """A frame from the datasets holding its geometry: the image itself for a single-frame
+    image, its functional group items for a frame of a multi-frame one."""
+    return Frame(
+        header=header,
+        path=path,
+        index=index,
+        position=tuple(float(v) for v in position.ImagePositionPatient),
+        orientation=tuple(float(v) for v in orientation.ImageOrientationPatient),
+        pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),
+        slope=float(transform.get("RescaleSlope", 1.0) or 1.0) if transform is not None else 1.0,
+        intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0) if transform is not None else 0.0,
+        stack_values=stack_values,
+    )
+
+
+def read_frames(paths: list[Path]) -> list[Frame]:
+    frames = []
+    for path in paths:
+        frames.extend(frames_of(pydicom.dcmread(path, stop_before_pixels=True), path))
+    return frames
+
+
+def _position_key(frame: Frame) -> tuple[float, ...]:
+    return tuple(round(v / ALIGNMENT_TOLERANCE_MM) for v in frame.position)
+
+
+def split_stacks(frames: list[Frame]) -> dict[str, list[Frame]]:
+    """Frames grouped into stacks; one stack named "" unless positions repeat."""
+    if len({_position_key(f) for f in frames}) == len(frames):
+        return {"": frames}
+    stacks: dict[str, list[Frame]] = defaultdict(list)
+    for frame in frames:
+        stacks[", ".join(f"{name} {value}" for name, value in frame.stack_values)].append(frame)
+    if len(stacks) == 1:
+        raise GeometryError(
+            "several images share one position and nothing (acquisition, echo, temporal position) tells them apart"
+        )
+    return dict(sorted(stacks.items()))
+
+
+def order_frames(frames: list[Frame]) -> list[Frame]:
+    """Sorted along the slice normal; raises when the stack is not one regular volume."""
+    if not frames:
+        raise GeometryError("the series has no images")
+    first = frames[0]
+    for frame in frames:
+        if not np.allclose(frame.orientation, first.orientation, atol=1e-4):
+            raise GeometryError("images have different orientations")
+        if frame.shape != first.shape:
+            raise GeometryError("images have different sizes")
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
+            raise GeometryError("images have different pixel spacings")
+    normal = first.normal
+    ordered = sorted(frames, key=lambda f: float(np.dot(normal, f.position)))
+    positions = np.array([f.position for f in ordered], dtype=np.float64)
+    if len(ordered) > 1:
+        steps = np.diff(positions @ normal)
+        if np.any(steps < ALIGNMENT_TOLERANCE_MM):
+            raise GeometryError("several images share one position (several stacks in one series)")
+        if steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean():
+            raise GeometryError(
+                f"uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, a missing slice or "
+                "variable pitch); refusing to resample between source images"
+            )
+        offsets = positions - positions[0]
+        sideways = offsets - np.outer(offsets @ normal, normal)
+        if np.abs(sideways).max() > ALIGNMENT_TOLERANCE_MM:
+            raise GeometryError(
+                f"slices drift {np.abs(sideways).max():.2f} mm sideways from their normal "
+                "(gantry tilt or shear); refusing a sheared volume"
+            )
+    return ordered
+
+
+def affine_lps(ordered: list[Frame]) -> np.ndarray:
+    """Voxel [i, j, k] to LPS mm, with the slice axis taken from the first and last positions."""
+    first = ordered[0]
+    row_cosine, column_cosine = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    row_spacing, column_spacing = first.pixel_spacing
+    origin = np.array(first.position, dtype=np.float64)
+    if len(ordered) > 1:
+        slice_step = (np.array(ordered[-1].position) - origin) / (len(ordered) - 1)
+    else:
+        slice_step = first.normal * float(first.header.get("SliceThickness", 1.0) or 1.0)
+    affine = np.eye(4)
+    affine[:3, 0] = row_cosine * column_spacing  # i walks along a row: the column index
+    affine[:3, 1] = column_cosine * row_spacing
+    affine[:3, 2] = slice_step
+    affine[:3, 3] = origin
+    return affine
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units), stored [k, j, i]
+    affine_ras: np.ndarray  # 4x4, voxel index to RAS mm
+    frames: list[Frame]  # frames[k] is slice k
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(np.linalg.norm(self.affine_ras[:3, axis])) for axis in range(3))
+
+    @property
+    def source_headers(self) -> list[Dataset]:
+        """Each source instance once, in the order of first appearance along k, with the Type 2
+        attributes that results copy from it (`TYPE_2_COPIED`) present, empty where the source
+        leaves them out: PS3.5 7.4 lets a Type 2 attribute be empty, never absent."""
+        unique: dict[str, Dataset] = {}
+        for frame in self.frames:
+            unique.setdefault(frame.sop_instance_uid, frame.header)
+        for header in unique.values():
+            for keyword in TYPE_2_COPIED:
+                if keyword not in header:
+                    setattr(header, keyword, "")
+        return list(unique.values())
+
+    def frame_masks(self, labels: np.ndarray) -> np.ndarray:
+        """Masks in source-image layout: ``result[k]`` is ``(rows, columns)`` of ``frames[k]``."""
+        if labels.shape != self.array.shape:
+            raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
+        # No copy when labels come from Bundle.predict, which lays them out frame by frame.
+        return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
+
+
+# Patient and General Study attributes (Type 2) that the SEG and SR copy from their sources.
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+class _DecodedFiles:
+    """Decodes each file once and keeps its pixels only until its last frame has been placed."""
+
+    def __init__(self, ordered: list[Frame]) -> None:
+        self._uses_left = Counter(frame.path for frame in ordered)
+        self._pixels: dict[Path, np.ndarray] = {}
+
+    def plane(self, frame: Frame) -> np.ndarray:
+        pixels = self._pixels.get(frame.path)
+        if pixels is None:
+            pixels = read_native_pixels(frame.path, frame.header)
+            if pixels is None:
+                pixels = pydicom.dcmread(frame.path).pixel_array
+            pixels = _as_frames(pixels, frame)
+            self._pixels[frame.path] = pixels
+        self._uses_left[frame.path] -= 1
+        if self._uses_left[frame.path] == 0:
+            del self._pixels[frame.path]
+        return pixels[frame.index or 0]
+
+
+def _as_frames(pixels: np.ndarray, frame: Frame) -> np.ndarray:
+    """A file's decoded pixels as ``(frames, rows, columns)``, checked against its header.
+
+    pydicom gives a one-frame image as ``(rows, columns)`` whatever its Number of Frames, and
+    several frames as ``(frames, rows, columns)``: taken as the other, one image row would be
+    spread over the whole image, silently. Anything but the Rows and Columns of the header (a
+    colour image, a decoder's surprise) is refused here instead."""
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    frames = int(frame.header.get("NumberOfFrames", 1) or 1)
+    if pixels.ndim != 3 or pixels.shape[1:] != tuple(frame.shape) or len(pixels) != frames:
+        raise GeometryError(f"{frame.path.name}: decoded pixels of shape {pixels.shape}, not the {frames} frame(s) "
+                            f"of {frame.shape[0]} x {frame.shape[1]} its header gives")
+    return pixels
+
+
+def load_volume(frames: list[Frame]) -> Volume:
+    """Decode the frames of one stack into a float32 volume of modality values.
+
+    The array is indexed ``[i, j, k]`` but its memory is laid out frame by frame (``[k, j, i]``,
+    as the images themselves are): each decoded image is then one contiguous write, the label
+    map comes back in the same layout (:mod:`dicom_node.compute.resampling`), and the SEG's frames are
+    views of it, with no transposition anywhere. Peak memory stays near the volume itself:
+    besides it, only a file's pixels until its frames are placed.
+    """
+    ordered = order_frames(frames)
+    rows, columns = ordered[0].shape
+    by_frame = np.empty((len(ordered), rows, columns), dtype=np.float32)
+    decoded = _DecodedFiles(ordered)
+    for k, frame in enumerate(ordered):
+        if frame.slope == 1.0:  # the usual CT case: one pass over the image instead of two
+            np.add(decoded.plane(frame), np.float32(frame.intercept), out=by_frame[k], casting="unsafe")
+        else:
+            np.multiply(decoded.plane(frame), frame.slope, out=by_frame[k], casting="unsafe")
+            by_frame[k] += frame.intercept
+    return Volume(array=by_frame.transpose(2, 1, 0), affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)

@@ -1,0 +1,397 @@
+"""The inference worker: claims jobs, builds the volume, runs the bundle, encodes results.
+
+Workers are separate processes so that a long model run never stalls the receiving process,
+and so that several can run side by side (or on other hosts). Each loads its bundles at start
+and keeps them loaded between jobs. A job's results are written to disk first; then, in one
+transaction, the result rows, their deliveries and the job's ``done`` state are committed
+together.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import torch
+from sqlalchemy import Engine, select
+
+from dicom_node.compute.bundle import Bundle, BundleError, choose_device
+from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
+from dicom_node.compute.prefetch import VolumePrefetch
+from dicom_node.compute.volume import GeometryError, load_volume, read_frames, split_stacks
+from dicom_node.config import Config, Pipeline
+from dicom_node.doorbell import Bell, Ringer
+from dicom_node.results import file_bytes, load_standard_tables
+from dicom_node.results.codes import SegmentCodes, read_overrides
+from dicom_node.results.equipment import Equipment
+from dicom_node.results.outlines import build_outline_images
+from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.seg_frames import scan_labels
+from dicom_node.results.sr import build_sr
+from dicom_node.state import db, files, jobs
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.1  # an idle worker's look for a job: one indexed query
+
+
+class JobFailure(Exception):
+    """A job that cannot succeed on retry: the message is the operator-facing reason."""
+
+
+class ShutdownRequested(BaseException):
+    """Raised in the worker's main thread by SIGTERM; not an Exception, so no job handler eats it."""
+
+
+# Failures that no retry can change: the series or the bundle is the problem, not the moment.
+PERMANENT_FAILURES = (JobFailure, GeometryError, BundleError, ValueError)
+BUNDLE_SEGMENTS_FILE = "dicom_segments.toml"  # a bundle's own segment overrides, in configs/
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    give_back_freed_memory()
+
+
+def classify_failure(error: Exception, timeout_seconds: float) -> tuple[str, bool]:
+    """The operator-facing reason, and whether a retry could change it. MONAI wraps errors
+    raised inside transforms (RuntimeError "applying transform ..."), so the whole chain of
+    causes is looked at: a time limit hit during preprocessing is still a time limit."""
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for cause in chain:
+        if isinstance(cause, JobTimeout):
+            return f"exceeded the time limit of {timeout_seconds:g} s (timeout_seconds)", True
+        if isinstance(cause, (MemoryError, torch.OutOfMemoryError)):
+            return f"ran out of memory ({type(cause).__name__}: {cause})"[:500], True
+    if isinstance(error, PERMANENT_FAILURES):
+        return str(error), True
+    log.error("job crashed:\n%s", traceback.format_exc())
+    return f"unexpected error ({type(error).__name__}: {error}); the details are in the worker's log", False
+
+
+def _raise_timeout(_signum, _frame) -> None:
+    raise JobTimeout()
+
+
+class JobTimeout(Exception):
+    """Raised by SIGALRM when a job outlives its pipeline's timeout_seconds."""
+
+
+class Worker:
+    """Claims jobs and runs them. Within `serve`, ``jobs_queued`` ends its idle wait as soon as
+    completion queues a job, and it rings each of ``results_recorded`` once a job's results are
+    recorded (`doorbell`); without them (`dicom-node worker` on another host) it looks for jobs
+    every IDLE_POLL_SECONDS."""
+
+    def __init__(self, config: Config, engine: Engine, jobs_queued: Bell | None = None,
+                 results_recorded: Sequence[Ringer] = (), name: str | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.jobs_queued = jobs_queued
+        self.results_recorded = results_recorded
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
+        self.equipment = Equipment(config.node.ae_title)
+        self.prefetch = VolumePrefetch(config, engine)
+
+    def bundle(self, pipeline: Pipeline, study_uid: str | None) -> Bundle:
+        """Load once, run many: a bundle stays warm for the next job of its pipeline, until the
+        warm bundles together outgrow model_memory_mb and the least recently used goes."""
+        if pipeline.name in self.bundles:
+            self.bundles.move_to_end(pipeline.name)
+            return self.bundles[pipeline.name]
+        bundle = Bundle(pipeline.model, choose_device(pipeline.device))
+        self.bundles[pipeline.name] = bundle
+        evicted = []
+        while len(self.bundles) > 1 and self._loaded_mb() > self.config.node.model_memory_mb:
+            name, _ = self.bundles.popitem(last=False)
+            evicted.append(name)
+        _free_memory()
+        with self.engine.begin() as connection:
+            message = f"worker {self.name} loaded bundle {bundle.info.name} {bundle.info.version} for {pipeline.name}"
+            if evicted:
+                message += f"; unloaded {', '.join(evicted)} (model_memory_mb)"
+            db.log_event(connection, study_uid, "info", message)
+        return bundle
+
+    def _loaded_mb(self) -> float:
+        return sum(bundle.weight_mb for bundle in self.bundles.values())
+
+    def warm_up(self) -> None:
+        """Before the first job: the pipelines' bundles, in their order, as many as
+        model_memory_mb keeps, and the standard's tables the result encoders read. Without
+        this, the first study after a start waited 1.2 s longer for its results (demo bundle,
+        300-slice CT: 7.4 s from the last image to the PACS, against 5.2-5.8 s). A bundle that
+        fails to load here is loaded again by its job, which then fails with the reason."""
+        load_standard_tables()
+        for pipeline in self.config.pipelines:
+            if self._loaded_mb() >= self.config.node.model_memory_mb:
+                break
+            try:
+                self.bundle(pipeline, None)
+            except Exception as error:  # noqa: BLE001 - reported by the pipeline's first job
+                log.warning("could not load the bundle of pipeline %s ahead of its jobs: %s", pipeline.name, error)
+
+    def segment_overrides(self, pipeline: Pipeline) -> dict[str, SegmentCodes]:
+        """The bundle's own label overrides, then the pipeline's on top."""
+        overrides: dict[str, SegmentCodes] = {}
+        for path in (pipeline.model / "configs" / BUNDLE_SEGMENTS_FILE, pipeline.segments):
+            if path is not None and path.exists():
+                overrides.update(read_overrides(path))
+        return overrides
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when there was nothing to do."""
+        # SIGTERM waits while a job is being claimed: arriving between the claim's commit and the
+        # `try` below, it would leave a running job that nobody releases.
+        job = None
+        _SHUTDOWN.defer()
+        try:
+            job = jobs.claim(self.engine, self.name, {p.name for p in self.config.pipelines},
+                             self.config.node.max_attempts, self.config.node.lease_seconds)
+        finally:
+            if job is None:
+                _SHUTDOWN.resume()
+        if job is None:
+            return False
+        claim = jobs.Claim.of(job)
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew_lease, args=(claim, stop_renewing), daemon=True)
+        renewer.start()
+        pipeline = self.config.pipeline(job["pipeline"])
+        try:
+            _SHUTDOWN.resume()  # a SIGTERM that came during the claim lands here
+            signal.setitimer(signal.ITIMER_REAL, pipeline.timeout_seconds)
+            self._run(job, claim, pipeline)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for ringer in self.results_recorded:
+                ringer.ring()
+        except ShutdownRequested:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            jobs.release(self.engine, job["id"], self.name)
+            raise
+        except Exception as error:  # noqa: BLE001 - a job's crash must never take the worker down
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a late alarm must not cut the failure's record short
+            self._fail(job, claim, *classify_failure(error, pipeline.timeout_seconds))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            stop_renewing.set()
+            renewer.join()
+            _free_memory()  # what a failed or finished job held goes now, not at the next job
+        return True
+
+    def _renew_lease(self, claim: jobs.Claim, stop: threading.Event) -> None:
+        lease = self.config.node.lease_seconds
+        while not stop.wait(lease / 4):
+            if not jobs.renew(self.engine, claim, lease):
+                log.warning("worker %s lost job %d: its lease lapsed and the job moved on; what it makes of it "
+                            "will be discarded", self.name, claim.job_id)
+                return
+
+    def _fail(self, job, claim: jobs.Claim, reason: str, permanent: bool) -> None:
+        log.warning("job %s failed: %s", job["id"], reason)
+        try:
+            with self.engine.begin() as connection:
+                if permanent:
+                    jobs.finish(connection, job["id"], job["study_uid"], "failed", reason, claim)
+                else:
+                    jobs.retry_or_fail(connection, job["id"], job["study_uid"], job["attempts"],
+                                       self.config.node.max_attempts, reason, claim)
+        except jobs.LeaseLost as lost:
+            log.warning("the failure of job %s is not recorded: %s", job["id"], lost)
+
+    def _series_paths(self, series_uid: str) -> list[Path]:
+        with db.reading(self.engine) as connection:
+            rows = connection.execute(
+                select(db.instances.c.path).where(db.instances.c.series_uid == series_uid)
+            ).all()
+        return [Path(path) for (path,) in rows]
+
+    def _previous_results(self, job) -> dict:
+        """The newest SEG and SR made earlier for the same series, stack and pipeline.
+
+        Outline images are left out: a set of pictures has no counterpart image by image.
+        """
+        with db.reading(self.engine) as connection:
+            rows = connection.execute(
+                select(db.results.c.id, db.results.c.kind, db.results.c.sop_instance_uid, db.results.c.path)
+                .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
+                .where(
+                    db.jobs.c.study_uid == job["study_uid"],
+                    db.jobs.c.series_uid == job["series_uid"],
+                    db.jobs.c.stack == job["stack"],
+                    db.jobs.c.pipeline == job["pipeline"],
+                    db.results.c.kind.in_(("SEG", "SR")),
+                )
+                .order_by(db.results.c.id)
+            ).all()
+        return {row.kind: row for row in rows}  # later rows overwrite earlier ones
+
+    def _run(self, job, claim: jobs.Claim, pipeline: Pipeline) -> None:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        paths = self._series_paths(job["series_uid"])
+        volume = self.prefetch.take(job["series_uid"], job["stack"], paths)
+        if volume is None:
+            stacks = split_stacks(read_frames(paths))
+            if job["stack"] not in stacks:
+                raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
+            volume = load_volume(stacks[job["stack"]])
+        timings["volume"] = time.perf_counter() - started
+        bundle = self.bundle(pipeline, job["study_uid"])
+        labels = bundle.predict(volume)
+        timings.update(bundle.timings)
+        encoding = time.perf_counter()
+        try:
+            masks = volume.frame_masks(labels)
+            scanned = scan_labels(masks, list(bundle.info.labels))
+            segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
+            unknown = sorted({s.name for s in segments if not s.codes.known})
+            description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
+            series_number = self.config.series_number(pipeline)
+            seg = None
+            if any(segment.present for segment in segments):
+                seg = build_seg(volume, scanned, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
+            previous = self._previous_results(job)
+            previous_sr = []
+            if "SR" in previous and Path(previous["SR"].path).exists():
+                previous_sr = [pydicom.dcmread(previous["SR"].path)]
+            sr = build_sr(volume, seg.dataset if seg is not None else None, segments, bundle.info, self.equipment,
+                          series_number + 1, f"SR {description}", previous_sr)
+            outputs = [("SR", sr, file_bytes(sr))]
+            if seg is not None:
+                outputs.insert(0, ("SEG", seg.dataset, seg.encode()))
+                if pipeline.outlines:
+                    outputs += [("SC", image, file_bytes(image)) for image in build_outline_images(
+                        volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
+        except (GeometryError, MemoryError):
+            raise
+        except Exception as error:  # the same inputs would fail the same way: not retried
+            log.exception("job %s: the results could not be built", job["id"])
+            raise JobFailure(f"the results could not be built from this series ({type(error).__name__}: {error}); "
+                             "the details are in the worker's log") from error
+        timings["encode"] = time.perf_counter() - encoding
+        written: list[tuple[str, pydicom.Dataset, Path]] = []
+        try:
+            for kind, dataset, data in outputs:
+                path = files.result_path(
+                    self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+                )
+                files.write_durably(path, data)
+                written.append((kind, dataset, path))
+            timings["write"] = time.perf_counter() - encoding - timings["encode"]
+            self._record(job, claim, pipeline, written, segments, unknown, previous, timings)
+        except BaseException as error:
+            for _, _, path in written:  # never recorded: nothing refers to them (a crash here: `reindex`)
+                path.unlink(missing_ok=True)
+            if isinstance(error, jobs.LeaseLost):
+                log.warning("results of job %s discarded: %s", job["id"], error)
+                return
+            raise
+
+    def _record(self, job, claim: jobs.Claim, pipeline: Pipeline, written, segments, unknown: list[str],
+                previous: dict, timings: dict[str, float]) -> None:
+        """In one transaction fenced by the claim: the job done, its result rows and their
+        deliveries. A worker that lost its claim records nothing (`jobs.LeaseLost`)."""
+        with self.engine.begin() as connection:
+            jobs.finish(connection, job["id"], job["study_uid"], "done", None, claim)
+            for kind, dataset, path in written:
+                result_id = connection.execute(
+                    db.results.insert().values(
+                        job_id=job["id"],
+                        kind=kind,
+                        sop_instance_uid=dataset.SOPInstanceUID,
+                        series_uid=dataset.SeriesInstanceUID,
+                        path=str(path),
+                        created_at=db.now(),
+                        supersedes=previous[kind].id if kind in previous else None,
+                    )
+                ).inserted_primary_key[0]
+                for destination in pipeline.destinations:
+                    connection.execute(
+                        db.deliveries.insert().values(
+                            result_id=result_id, destination=destination, state="pending", attempts=0, not_before=0.0
+                        )
+                    )
+            study = job["study_uid"]
+            found = [f"{s.name} {s.voxel_count} voxels" for s in segments if s.present]
+            absent = [s.name for s in segments if not s.present]
+            summary = f"results of job {job['id']}: " + (", ".join(found) or "no label found")
+            if absent:
+                summary += f"; absent: {', '.join(absent)}"
+            if previous:
+                summary += "; they supersede " + ", ".join(
+                    f"{kind} {row.sop_instance_uid}" for kind, row in sorted(previous.items())
+                )
+            db.log_event(connection, study, "info", summary)
+            if unknown:
+                db.log_event(connection, study, "warning",
+                             f"labels without a known code, sent with a generic one: {', '.join(unknown)}")
+            db.log_event(connection, study, "info", f"job {job['id']} timings: " +
+                         ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()))
+
+    def _build_ahead(self) -> None:
+        """Idle time goes to the volumes of studies about to complete (`prefetch`); a failure
+        there costs only the head start."""
+        try:
+            self.prefetch.build_ahead()
+        except Exception:
+            log.exception("building volumes ahead failed; jobs will read their series themselves")
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set or SIGTERM arrives; a job in progress at SIGTERM is released."""
+        signal.signal(signal.SIGTERM, _SHUTDOWN.handle)
+        signal.signal(signal.SIGALRM, _raise_timeout)
+        reuse_freed_memory()
+        try:
+            self.warm_up()
+            log.info("worker %s ready", self.name)
+            while not stop.is_set():
+                if not self.run_once():
+                    self._build_ahead()
+                    (self.jobs_queued.wait if self.jobs_queued else stop.wait)(IDLE_POLL_SECONDS)
+        except ShutdownRequested:
+            log.info("worker %s stopping at SIGTERM", self.name)
+
+
+class _ShutdownSignal:
+    """SIGTERM raises ShutdownRequested in the main thread, except while deferred (a job being
+    claimed), when it is kept until `resume`. Python runs signal handlers in the main thread
+    whichever thread the kernel delivered the signal to, so a flag here holds for all of them,
+    where a signal mask holds only for the thread that sets it."""
+
+    def __init__(self) -> None:
+        self.deferred = False
+        self.pending = False
+
+    def handle(self, _signum, _frame) -> None:
+        if self.deferred:
+            self.pending = True
+            return
+        raise ShutdownRequested()
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def resume(self) -> None:
+        self.deferred = False
+        if self.pending:
+            self.pending = False
+            raise ShutdownRequested()
+
+
+_SHUTDOWN = _ShutdownSignal()
