@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from dicom_node.printable import printable
 
@@ -24,3 +25,15 @@ def setup_logging() -> None:
     # pynetdicom and highdicom narrate every PDU and module at INFO; operators need our lines.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    quiet_library_warnings()
+
+
+def quiet_library_warnings() -> None:
+    """Keep out of the log what libraries warn about on every job and an operator cannot act
+    on: MONAI's notices of changed defaults (the bundle is run as it was written), its note
+    that NVIDIA's image decoder is absent (pydicom decodes), and highdicom's advice on how
+    person names are written (they are copied from the source images as they are). What an
+    operator can act on is said once, by the worker at start-up (its devices)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*nvImageCodec.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\.|$)", message=r".*[Pp]erson.*[Nn]ame.*")

@@ -359,7 +359,8 @@ class Worker:
         reuse_freed_memory()
         try:
             self.warm_up()
-            log.info("worker %s ready", self.name)
+            devices = sorted({f"{p.name} on {choose_device(p.device)}" for p in self.config.pipelines})
+            log.info("worker %s ready%s", self.name, f": {', '.join(devices)}" if devices else "")
             while not stop.is_set():
                 if not self.run_once():
                     self._build_ahead()

@@ -34,6 +34,9 @@ def test_a_worker_loads_each_model_once_and_every_pipeline_writes_its_own_series
                                           ("body-again", "SR", 3)]
         timings = node.query("SELECT message FROM events WHERE message LIKE '%timings%'")
         assert len(timings) == 6 and "network" in timings[0][0]
+        log = node.log()
+        assert "FutureWarning" not in log and "UserWarning" not in log, "library notices stay out of the log"
+        assert "ready: body on cpu, body-again on cpu" in log, "the worker says once which devices it uses"
     finally:
         node.stop()
 
