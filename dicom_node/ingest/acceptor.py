@@ -3,7 +3,7 @@
 pynetdicom's acceptor runs two reactor threads per association that poll each other's queues
 with millisecond sleeps, and builds pydicom datasets for every command and response; measured
 on small instances, that left the node at a third of Orthanc's rate. Here a thread reads a PDU
-whole, answers C-ECHO and C-STORE with hand-written command sets (`upper_layer`), and sleeps
+whole, answers C-ECHO and C-STORE with hand-written command sets (`protocol`), and sleeps
 only in ``recv``. Negotiation still uses pynetdicom's PDU classes and its presentation-context
 negotiation, so the node accepts exactly what pynetdicom accepted; but its answer to a proposal
 is remembered. With decoding, negotiating and encoding a storescu proposal (128 contexts) each
@@ -12,9 +12,9 @@ same every time: only the AE titles differ, and those are answered from each req
 bytes.
 
 Association policy, in this order: the peer's address against ``allowed_peers`` (connection
-closed before any PDU is read), then the called AE title, the calling AE title and the number
-of associations (A-ASSOCIATE-RJ with the reason PS3.8 has for each). Every refusal is logged
-with the peer's address and the reason.
+closed before any PDU is read), the number of connections, then the called AE title, the
+calling AE title (`negotiation`) and the number of associations (A-ASSOCIATE-RJ with the reason
+PS3.8 has for each). Every refusal is logged with the peer's address and the reason.
 """
 
 from __future__ import annotations
@@ -29,29 +29,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAccept
-from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRequest
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node.ingest import protocol
+from dicom_node.ingest.negotiation import (
+    LOCAL_LIMIT_EXCEEDED,
+    NEGOTIATING_CONNECTIONS,
+    Negotiated,
+    Negotiator,
+    Policy,
+)
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-# A-ASSOCIATE-RJ (result, source, reason) as PS3.8 9.3.4 defines them.
-CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
-CALLED_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
-LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 ACCEPT_POLL_SECONDS = 0.2  # how soon the accept loop notices `stop`
-NEGOTIATING_CONNECTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -85,30 +77,6 @@ class IncomingDataSet(Protocol):
         """The association ended before the data set was whole: forget what arrived."""
 
 
-@dataclass
-class Policy:
-    """Who gets in, and how long a silent peer keeps its thread."""
-
-    ae_title: str
-    check_called_ae_title: bool = True
-    allowed_calling_ae_titles: list[str] = field(default_factory=list)
-    allowed_peers: list = field(default_factory=list)  # ipaddress networks
-    max_associations: int = 64
-    # ARTIM: a connection whose A-ASSOCIATE-RQ is not whole this long after it connected is
-    # closed, however slowly the peer sends it.
-    acse_timeout: float = 10.0
-    # An association silent this long (between or inside messages), or whose PDU is not whole
-    # this long after its first byte, is aborted.
-    network_timeout: float = 60.0
-
-    @property
-    def max_connections(self) -> int:
-        """Connections held at once: the associations, and a few more that are still
-        negotiating (or being told that the associations are all taken). Beyond, a connection
-        is closed as soon as it is accepted, before anything is read or allocated for it."""
-        return self.max_associations + NEGOTIATING_CONNECTIONS
-
-
 @dataclass(eq=False)
 class _Association:
     connection: socket.socket
@@ -137,30 +105,8 @@ class _Association:
                 self.connection.sendall(data)
 
 
-@dataclass(frozen=True)
-class _ProposalAnswer:
-    """The A-ASSOCIATE-AC for one proposal, whatever the AE titles (see `_negotiate`)."""
-
-    accept_pdu: bytes
-    contexts: dict[int, tuple[str, str]]  # context ID: (abstract syntax, transfer syntax)
-    peer_max_pdu: int
-
-
-# A-ASSOCIATE-RQ and -AC (PS3.8 9.3.2, 9.3.3): the AE titles, and where the rest starts.
-_RQ_CALLED_AE_TITLE, _RQ_CALLING_AE_TITLE = slice(4, 20), slice(20, 36)  # in the request's body
-_RQ_AE_TITLES = slice(_RQ_CALLED_AE_TITLE.start, _RQ_CALLING_AE_TITLE.stop)
-_AC_AE_TITLES = slice(10, 42)  # in the whole accept PDU: the request's, sent back unchanged
-_RQ_FIXED_FIELDS = 68
-MAX_REMEMBERED_PROPOSALS = 64
 # A C-STORE's command set is some 200 bytes; one of more is no real peer's.
 MAX_COMMAND_SET_LENGTH = 64 * 1024
-
-
-@dataclass
-class _Negotiated:
-    calling_ae_title: str
-    contexts: dict[int, tuple[str, str]]  # context ID: (abstract syntax, transfer syntax)
-    peer_max_pdu: int
 
 
 class Acceptor:
@@ -171,11 +117,10 @@ class Acceptor:
     def __init__(self, policy: Policy, contexts: list[PresentationContext],
                  begin_store: Callable[[StoreRequest], IncomingDataSet]) -> None:
         self.policy = policy
-        self.contexts = contexts
         self.begin_store = begin_store
         self._connections: set[_Association] = set()  # from accept to close
         self._associations: set[_Association] = set()  # from admission to release
-        self._answers: dict[bytes, _ProposalAnswer] = {}  # per proposal: the request less its AE titles
+        self.negotiator = Negotiator(policy, contexts)
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._cut_off = threading.Event()  # the stop's grace is over
@@ -310,75 +255,21 @@ class Acceptor:
         except OSError:
             pass
 
-    def _negotiate(self, association: _Association) -> _Negotiated | None:
+    def _negotiate(self, association: _Association) -> Negotiated | None:
         """Read the A-ASSOCIATE-RQ and answer it: AC with the negotiated contexts, or RJ."""
         kind, body = association.reader.read_pdu(
             protocol.MAX_ASSOCIATE_RQ_LENGTH, deadline=association.connected_at + self.policy.acse_timeout)
         if kind != protocol.A_ASSOCIATE_RQ:
             raise protocol.ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}", protocol.UNEXPECTED_PDU)
-        if len(body) < _RQ_FIXED_FIELDS:
-            raise protocol.ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
-        answer = self._answer_to_proposal(bytes(body[: _RQ_AE_TITLES.start]) + bytes(body[_RQ_AE_TITLES.stop :]))
-        calling, called = _ae_titles(body)
-        rejection = self._rejection(calling, called) or self._admit(association)
+        answer = self.negotiator.answer(body)
+        rejection = self.negotiator.rejection(answer) or self._admit(association)
         if rejection is not None:
             (result, source, reason), why = rejection
             log.warning("rejected an association from %s: %s", association.peer, why)
             association.send(protocol.reject_pdu(result, source, reason))
             return None
-        pdu = answer.accept_pdu
-        association.send(pdu[: _AC_AE_TITLES.start] + bytes(body[_RQ_AE_TITLES]) + pdu[_AC_AE_TITLES.stop :])
-        return _Negotiated(calling, answer.contexts, answer.peer_max_pdu)
-
-    def _answer_to_proposal(self, proposal: bytes) -> _ProposalAnswer:
-        """The answer to a request whose body, less its AE titles, is ``proposal``."""
-        answer = self._answers.get(proposal)
-        if answer is None:
-            answer = self._negotiate_proposal(proposal)
-            if len(self._answers) >= MAX_REMEMBERED_PROPOSALS:
-                self._answers.clear()
-            self._answers[proposal] = answer
-        return answer
-
-    def _negotiate_proposal(self, proposal: bytes) -> _ProposalAnswer:
-        placeholder = b"ANY".ljust(16)  # AE titles, replaced by the request's own
-        body = proposal[: _RQ_AE_TITLES.start] + placeholder * 2 + proposal[_RQ_AE_TITLES.start :]
-        try:
-            pdu = AssociateRequest()
-            pdu.decode(protocol.pdu(protocol.A_ASSOCIATE_RQ, body))
-            request = pdu.to_primitive()
-        except Exception as error:  # pynetdicom raises anything on a corrupt PDU
-            raise protocol.ProtocolError(f"cannot decode the A-ASSOCIATE-RQ ({error})") from error
-        user_information = request.user_information
-        roles = {
-            item.sop_class_uid: (item.scu_role, item.scp_role)
-            for item in user_information if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
-        }
-        results, role_answers = negotiate_as_acceptor(
-            request.presentation_context_definition_list, self.contexts, roles or None
-        )
-        accept = A_ASSOCIATE()
-        accept.application_context_name = request.application_context_name
-        accept.calling_ae_title = request.calling_ae_title
-        accept.called_ae_title = request.called_ae_title
-        accept.result, accept.result_source = 0x00, 0x01
-        accept.presentation_context_definition_results_list = results
-        maximum = MaximumLengthNotification()
-        maximum.maximum_length_received = protocol.MAX_PDU_LENGTH  # what `PduReader` takes
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        accept.user_information = [maximum, implementation, version, *role_answers]
-        encoded = AssociateAccept()
-        encoded.from_primitive(accept)
-        peer_max = next((item.maximum_length_received for item in user_information
-                         if isinstance(item, MaximumLengthNotification)), 0)
-        contexts = {
-            context.context_id: (str(context.abstract_syntax), str(context.transfer_syntax[0]))
-            for context in results if context.result == 0x00
-        }
-        return _ProposalAnswer(encoded.encode(), contexts, peer_max or 0)
+        association.send(answer.accept_pdu)
+        return answer.negotiated
 
     def _admit(self, association: _Association) -> tuple[tuple[int, int, int], str] | None:
         """Count the association in, unless the limit is reached (checked and counted at once,
@@ -389,15 +280,7 @@ class Acceptor:
             self._associations.add(association)
         return None
 
-    def _rejection(self, calling: str, called: str) -> tuple[tuple[int, int, int], str] | None:
-        policy = self.policy
-        if policy.check_called_ae_title and called != policy.ae_title:
-            return CALLED_AE_NOT_RECOGNIZED, f"called AE title {called!r} is not {policy.ae_title!r}"
-        if policy.allowed_calling_ae_titles and calling not in policy.allowed_calling_ae_titles:
-            return CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling!r} is not in allowed_calling_ae_titles"
-        return None
-
-    def _exchange(self, association: _Association, negotiated: _Negotiated) -> None:
+    def _exchange(self, association: _Association, negotiated: Negotiated) -> None:
         """Messages until the peer releases or aborts: each command set, with its data set if it
         has one, is answered before the next PDU is read. A data set goes to its
         `IncomingDataSet` fragment by fragment, as it arrives."""
@@ -443,7 +326,7 @@ class Acceptor:
                     raise protocol.ProtocolError("the receiver is stopping: answered, and nothing more is taken",
                                            protocol.REASON_NOT_SPECIFIED)
 
-    def _begin(self, association: _Association, negotiated: _Negotiated, context_id: int,
+    def _begin(self, association: _Association, negotiated: Negotiated, context_id: int,
                command: dict[int, bytes]) -> None:
         """A command set with a data set to follow: a C-STORE's goes to ``begin_store``; any
         other's is read and dropped."""
@@ -462,7 +345,7 @@ class Acceptor:
             association.storing = True
         association.incoming = self.begin_store(request)
 
-    def _answer(self, association: _Association, negotiated: _Negotiated, context_id: int,
+    def _answer(self, association: _Association, negotiated: Negotiated, context_id: int,
                 command: dict[int, bytes], incoming: IncomingDataSet | None) -> None:
         operation = protocol.command_us(command, protocol.COMMAND_FIELD)
         if operation is None or operation & protocol.RESPONSE_BIT or operation == protocol.C_CANCEL_RQ:
@@ -483,14 +366,3 @@ class Acceptor:
         if association.storing:
             with self._lock:
                 association.storing = False
-
-
-def _ae_titles(body: bytearray) -> tuple[str, str]:
-    """(calling, called) AE titles of an A-ASSOCIATE-RQ, read and checked as pynetdicom does."""
-    titles = AssociateRequest()
-    try:
-        titles.called_ae_title = bytes(body[_RQ_CALLED_AE_TITLE])
-        titles.calling_ae_title = bytes(body[_RQ_CALLING_AE_TITLE])
-    except (ValueError, TypeError) as error:
-        raise protocol.ProtocolError(f"invalid AE title in the A-ASSOCIATE-RQ ({error})") from error
-    return titles.calling_ae_title, titles.called_ae_title

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
 
 from dicom_node.config import Config
-from dicom_node.ingest.acceptor import Acceptor, Policy, StoreRequest
+from dicom_node.ingest.acceptor import Acceptor, StoreRequest
 from dicom_node.ingest.driver_connection import DriverConnection
 from dicom_node.ingest.group_commit import GroupCommit
 from dicom_node.ingest.index import (
@@ -48,6 +48,7 @@ from dicom_node.ingest.index import (
     header_of,
     instance_row,
 )
+from dicom_node.ingest.negotiation import Policy
 from dicom_node.ingest.protocol import file_preamble_and_meta
 from dicom_node.ingest.structure import TooLarge, check_structure, inflate
 from dicom_node.printable import printable

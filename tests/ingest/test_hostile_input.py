@@ -44,7 +44,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 ACSE_TIMEOUT, NETWORK_TIMEOUT = 2, 3
 MAX_INSTANCE_MB = 48
 MAX_ASSOCIATIONS = 4
-NEGOTIATING_CONNECTIONS = 16  # acceptor.NEGOTIATING_CONNECTIONS
+NEGOTIATING_CONNECTIONS = 16  # negotiation.NEGOTIATING_CONNECTIONS
 # What `docs/security.md` promises a receiver needs beyond its memory at rest while these tests
 # run: a few associations' instance buffers (4 MiB each), PDUs (1 MiB each) and one inflated
 # deflated data set (64 MiB).
