@@ -21,11 +21,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import update
 
-from dicom_node.config import Config, Destination, load_config
+from dicom_node.config import Config, load_config
 from dicom_node.dispatch import deliver_due
 from dicom_node.doorbell import Bell, Ringer, doorbell
 from dicom_node.ingest.receiver import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
@@ -173,10 +174,109 @@ def _listen_when_free(host: str, port: int) -> socket.socket:
             time.sleep(0.5)
 
 
+class Supervisor:
+    """The process tree of `dicom-node serve`: receivers and workers started, watched and
+    restarted, the completion and dispatch loops in threads, and the order things stop in.
+    Each step is a method, so that a test can drive one in-process."""
+
+    def __init__(self, config_path: Path, config: Config, engine, listening: socket.socket) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.engine = engine
+        self.listening = listening
+        self.context = multiprocessing.get_context("spawn")
+        self.shares = association_shares(config.node.max_associations, receiver_count(config))
+        self.read_ahead = ReadAhead()
+        # One per worker (a restarted worker hears its predecessor's), and one per destination.
+        self.worker_bells = [doorbell(self.context) for _ in range(config.node.workers)]
+        self.dispatch_bells = [doorbell(self.context) for _ in config.destinations]
+        self.receivers: list[multiprocessing.process.BaseProcess] = []
+        self.workers: list[multiprocessing.process.BaseProcess] = []
+        self.loops: list[threading.Thread] = []
+
+    def start_receiver(self, index: int) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+        ready = self.context.Event()
+        process = self.context.Process(
+            target=receiver_process, args=(self.config_path, self.listening, self.shares[index], os.getpid(), ready),
+            daemon=True)
+        process.start()
+        return process, ready
+
+    def start_receivers(self) -> bool:
+        """All receivers, each serving before this returns; False if one exits at start."""
+        started = [self.start_receiver(index) for index in range(len(self.shares))]
+        self.receivers = [process for process, _ in started]
+        for process, ready in started:
+            while not ready.wait(timeout=1.0):
+                if not process.is_alive():
+                    log.error("a receiver process exited at start with %s; see above", process.exitcode)
+                    return False
+        return True
+
+    def start_worker(self, index: int) -> multiprocessing.process.BaseProcess:
+        jobs_queued, _ = self.worker_bells[index]
+        process = self.context.Process(
+            target=worker_process,
+            args=(self.config_path, os.getpid(), jobs_queued, [ringer for _, ringer in self.dispatch_bells]),
+            daemon=True,
+        )
+        process.start()
+        return process
+
+    def complete(self) -> float | None:
+        """One round of completion; rings the workers if jobs were queued. Returns the seconds
+        until the next study read ahead comes due."""
+        round_ = complete_quiet_studies(self.config, self.engine, self.read_ahead)
+        if round_.completed:
+            for _, ringer in self.worker_bells:
+                ringer.ring()
+        return None if round_.next_due is None else round_.next_due - db.now()
+
+    def start_loops(self, stop: threading.Event) -> None:
+        self.loops = [threading.Thread(target=_periodic, args=("completion", self.complete, stop), daemon=True)] + [
+            threading.Thread(
+                target=_periodic,
+                args=(f"dispatch to {d.name}", partial(deliver_due, self.config, self.engine, d), stop, bell.wait),
+                daemon=True,
+            )
+            for d, (bell, _) in zip(self.config.destinations, self.dispatch_bells)
+        ]
+        for loop in self.loops:
+            loop.start()
+
+    def restart_the_dead(self) -> None:
+        for index, process in enumerate(self.receivers):
+            if not process.is_alive():
+                log.error("receiver %d exited with %s; restarting it", process.pid, process.exitcode)
+                self.receivers[index] = self.start_receiver(index)[0]
+        for index, process in enumerate(self.workers):
+            if not process.is_alive():
+                log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+                self.workers[index] = self.start_worker(index)
+
+    def stop(self) -> None:
+        """Receivers first (they finish the C-STOREs in flight), then the port, then the
+        workers (they release their jobs), then the loops."""
+        for process in self.receivers:
+            process.terminate()
+        for process in self.receivers:
+            process.join(timeout=SHUTDOWN_GRACE_SECONDS + 5)
+            if process.is_alive():
+                process.kill()
+        self.listening.close()
+        for process in self.workers:
+            process.terminate()
+        for process in self.workers:
+            process.join(timeout=WORKER_GRACE_SECONDS)
+            if process.is_alive():
+                process.kill()  # its job's lease lapses, and the job resumes all the same
+        for loop in self.loops:
+            loop.join(timeout=5)
+
+
 def serve(config_path: Path) -> int:
     config: Config = load_config(config_path)
     stop = threading.Event()
-    context = multiprocessing.get_context("spawn")
 
     def request_stop(signum, _frame) -> None:
         log.info("signal %d: shutting down", signum)
@@ -194,91 +294,20 @@ def serve(config_path: Path) -> int:
     # Before any receiver runs: instances whose rename or index rows a crash took are put back.
     recover_incoming(config, engine)
     reindex_after_boot(config, engine, current_boot())
-    count = receiver_count(config)
-    shares = association_shares(config.node.max_associations, count)
-
-    def start_receiver(index: int) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
-        ready = context.Event()
-        process = context.Process(target=receiver_process,
-                                  args=(config_path, listening, shares[index], os.getpid(), ready),
-                                  daemon=True)
-        process.start()
-        return process, ready
-
-    started = [start_receiver(index) for index in range(count)]
-    receivers = [process for process, _ in started]
-    for process, ready in started:
-        while not ready.wait(timeout=1.0):
-            if not process.is_alive():
-                log.error("a receiver process exited at start with %s; see above", process.exitcode)
-                return 1
+    supervisor = Supervisor(config_path, config, engine, listening)
+    if not supervisor.start_receivers():
+        return 1
     log.info("listening as %s on %s:%d with %d receiver process(es)", config.node.ae_title, config.node.host,
-             config.node.port, count)
+             config.node.port, len(supervisor.receivers))
     # Only now: studies still arriving when the node stopped get their quiet period from the
     # moment the node can receive again, not from before its receivers were up.
     resume_after_restart(config, engine)
-    read_ahead = ReadAhead()
-    # One per worker (a restarted worker hears its predecessor's), and one per destination.
-    worker_bells = [doorbell(context) for _ in range(config.node.workers)]
-    dispatch_bells = [doorbell(context) for _ in config.destinations]
-
-    def complete() -> float | None:
-        round_ = complete_quiet_studies(config, engine, read_ahead)
-        if round_.completed:
-            for _, ringer in worker_bells:
-                ringer.ring()
-        return None if round_.next_due is None else round_.next_due - db.now()
-
-    def deliver(destination: Destination) -> None:
-        deliver_due(config, engine, destination)
-
-    loops = [threading.Thread(target=_periodic, args=("completion", complete, stop), daemon=True)] + [
-        threading.Thread(
-            target=_periodic,
-            args=(f"dispatch to {d.name}", lambda d=d: deliver(d), stop, bell.wait),
-            daemon=True,
-        )
-        for d, (bell, _) in zip(config.destinations, dispatch_bells)
-    ]
-    for loop in loops:
-        loop.start()
-
-    def start_worker(index: int) -> multiprocessing.process.BaseProcess:
-        jobs_queued, _ = worker_bells[index]
-        process = context.Process(
-            target=worker_process,
-            args=(config_path, os.getpid(), jobs_queued, [ringer for _, ringer in dispatch_bells]),
-            daemon=True,
-        )
-        process.start()
-        return process
-
-    workers = [start_worker(index) for index in range(config.node.workers)]
-    log.info("dicom-node serving with %d worker(s)", len(workers))
+    supervisor.start_loops(stop)
+    supervisor.workers = [supervisor.start_worker(index) for index in range(config.node.workers)]
+    log.info("dicom-node serving with %d worker(s)", len(supervisor.workers))
     while not stop.wait(1.0):
-        for index, process in enumerate(receivers):
-            if not process.is_alive():
-                log.error("receiver %d exited with %s; restarting it", process.pid, process.exitcode)
-                receivers[index] = start_receiver(index)[0]
-        for index, process in enumerate(workers):
-            if not process.is_alive():
-                log.error("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-                workers[index] = start_worker(index)
-    for process in receivers:
-        process.terminate()  # SIGTERM: stop accepting; C-STOREs in flight finish first
-    for process in receivers:
-        process.join(timeout=SHUTDOWN_GRACE_SECONDS + 5)
-        if process.is_alive():
-            process.kill()
-    listening.close()
-    for process in workers:
-        process.terminate()  # SIGTERM: the worker releases its job, which resumes at the next start
-    for process in workers:
-        process.join(timeout=WORKER_GRACE_SECONDS)
-        if process.is_alive():
-            process.kill()  # its job's lease lapses, and the job resumes all the same
-    for loop in loops:
-        loop.join(timeout=5)
+        supervisor.restart_the_dead()
+    supervisor.stop()
     log.info("stopped")
     return 0
 

@@ -19,6 +19,7 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -28,14 +29,14 @@ from sqlalchemy import Engine, select
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.prefetch import VolumePrefetch
-from dicom_node.compute.volume import GeometryError, load_volume, read_frames, split_stacks
+from dicom_node.compute.volume import GeometryError, Volume, load_volume, read_frames, split_stacks
 from dicom_node.config import Config, Pipeline
 from dicom_node.doorbell import Bell, Ringer
 from dicom_node.results import file_bytes, load_standard_tables
 from dicom_node.results.codes import SegmentCodes, read_overrides
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.outlines import build_outline_images
-from dicom_node.results.seg import build_seg, segments_of
+from dicom_node.results.seg import Segment, build_seg, segments_of
 from dicom_node.results.seg_frames import scan_labels
 from dicom_node.results.sr import build_sr
 from dicom_node.state import db, files, jobs
@@ -89,6 +90,16 @@ def _raise_timeout(_signum, _frame) -> None:
 
 class JobTimeout(Exception):
     """Raised by SIGALRM when a job outlives its pipeline's timeout_seconds."""
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A job's results as file bytes, with what their record says of them."""
+
+    outputs: list[tuple[str, pydicom.Dataset, bytes]]  # (kind, dataset, file bytes)
+    segments: list[Segment]
+    unknown: list[str]  # labels sent with a generic code
+    previous: dict  # kind -> the result this one supersedes
 
 
 class Worker:
@@ -242,25 +253,37 @@ class Worker:
         return {row.kind: row for row in rows}  # later rows overwrite earlier ones
 
     def _run(self, job, claim: jobs.Claim, pipeline: Pipeline) -> None:
+        """The job's steps, each timed: volume, bundle, results' encoding, writing and recording."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        paths = self._series_paths(job["series_uid"])
-        volume = self.prefetch.take(job["series_uid"], job["stack"], paths)
-        if volume is None:
-            stacks = split_stacks(read_frames(paths))
-            if job["stack"] not in stacks:
-                raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
-            volume = load_volume(stacks[job["stack"]])
+        volume = self._volume(job)
         timings["volume"] = time.perf_counter() - started
         bundle = self.bundle(pipeline, job["study_uid"])
         labels = bundle.predict(volume)
         timings.update(bundle.timings)
         encoding = time.perf_counter()
+        encoded = self._encode(job, pipeline, bundle, volume, labels)
+        timings["encode"] = time.perf_counter() - encoding
+        self._write_and_record(job, claim, pipeline, encoded, timings)
+
+    def _volume(self, job) -> Volume:
+        """The job's stack as a volume: the one built ahead if its files are still those, else read now."""
+        paths = self._series_paths(job["series_uid"])
+        volume = self.prefetch.take(job["series_uid"], job["stack"], paths)
+        if volume is not None:
+            return volume
+        stacks = split_stacks(read_frames(paths))
+        if job["stack"] not in stacks:
+            raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
+        return load_volume(stacks[job["stack"]])
+
+    def _encode(self, job, pipeline: Pipeline, bundle: Bundle, volume: Volume, labels) -> _Encoded:
+        """The SEG (when a label was found), the SR and the outline images, as file bytes. A
+        failure here is the series' and the bundle's, not the moment's: it is not retried."""
         try:
             masks = volume.frame_masks(labels)
             scanned = scan_labels(masks, list(bundle.info.labels))
             segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
-            unknown = sorted({s.name for s in segments if not s.codes.known})
             description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
             series_number = self.config.series_number(pipeline)
             seg = None
@@ -284,19 +307,25 @@ class Worker:
             log.exception("job %s: the results could not be built", job["id"])
             raise JobFailure(f"the results could not be built from this series ({type(error).__name__}: {error}); "
                              "the details are in the worker's log") from error
-        timings["encode"] = time.perf_counter() - encoding
+        return _Encoded(outputs, segments, sorted({s.name for s in segments if not s.codes.known}), previous)
+
+    def _write_and_record(self, job, claim: jobs.Claim, pipeline: Pipeline, encoded: _Encoded,
+                          timings: dict[str, float]) -> None:
+        """Write the results durably, then record them (`_record`). Files that end up not
+        recorded are removed (a crash in between: `recovery.remove_unrecorded_results`)."""
+        writing = time.perf_counter()
         written: list[tuple[str, pydicom.Dataset, Path]] = []
         try:
-            for kind, dataset, data in outputs:
+            for kind, dataset, data in encoded.outputs:
                 path = files.result_path(
                     self.config.node.data_dir, job["study_uid"], dataset.SeriesInstanceUID, dataset.SOPInstanceUID
                 )
                 files.write_durably(path, data)
                 written.append((kind, dataset, path))
-            timings["write"] = time.perf_counter() - encoding - timings["encode"]
-            self._record(job, claim, pipeline, written, segments, unknown, previous, timings)
+            timings["write"] = time.perf_counter() - writing
+            self._record(job, claim, pipeline, written, encoded.segments, encoded.unknown, encoded.previous, timings)
         except BaseException as error:
-            for _, _, path in written:  # never recorded: nothing refers to them (a crash here: `reindex`)
+            for _, _, path in written:
                 path.unlink(missing_ok=True)
             if isinstance(error, jobs.LeaseLost):
                 log.warning("results of job %s discarded: %s", job["id"], error)
