@@ -47,7 +47,7 @@ class DriverConnection:
     ``durable_commits=False`` lets a commit return before the disk has it (SQLite's
     synchronous=NORMAL, for this connection only): a killed process loses nothing, a power cut
     may lose the last commits. Only for rows that can be rebuilt from what is on disk (the
-    receiver's index rows: `reindex`). Such a connection never goes back to the engine's pool,
+    receiver's index rows: `recovery`). Such a connection never goes back to the engine's pool,
     where another user would inherit its setting.
     """
 

@@ -3,7 +3,7 @@
 This is the receiver's hot path. Its statements are written once, as plain SQL with bound
 parameters (valid on SQLite and PostgreSQL alike): building them anew for every instance took
 most of the index's time (2.5 ms an instance, against 0.6 ms once written). They run on the
-driver's connection (`driver_sql`): SQLAlchemy's execution around them was the next cost.
+driver's connection (`driver_connection`): SQLAlchemy's execution around them was the next cost.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An instance is answered Success only once its file is on disk (atomically, durab
 row is committed: a Success the PACS sees is a promise that the instance will be processed,
 even if the node is killed the next moment. Only the file's content is flushed before the
 answer (`files.IncomingFiles`); a rename or index rows that a power cut took are done again at
-the next start (`reindex`). Bytes are stored exactly as received, in the
+the next start (`recovery`). Bytes are stored exactly as received, in the
 transfer syntax the peer chose, so nothing is lost to a re-encoding.
 
 The association policy and the protocol are the `acceptor`'s; this module gives it the
@@ -122,7 +122,7 @@ class Receiver:
         # another instance of the pair needs neither row again, nor the values they hold.
         self._indexed_series: set[tuple[str, str]] = set()
         # Index commits need not wait for the disk: the file is already there, and the rows a
-        # power cut takes are rebuilt from it at the next start (`reindex`).
+        # power cut takes are rebuilt from it at the next start (`recovery`).
         self._connection = DriverConnection(engine, durable_commits=False)
         self._files = files.IncomingFiles(files.incoming_folder(config.node.data_dir))
         self._instances = InstanceIndex(self._connection, config.node.late_arrivals)

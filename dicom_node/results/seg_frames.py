@@ -10,7 +10,7 @@ in highdicom's order (segment by segment, planes sorted along the normal, empty 
 Every constant part (derivation code, purpose of reference, spatial locations preserved) is copied
 from an item highdicom built itself around one frame of the first source image; what depends on
 the other source images (references, spacing, dimension organisation) is derived here as
-highdicom derives it. ``tests/test_seg_frames.py`` checks that the whole SEG equals the one
+highdicom derives it. ``tests/results/test_seg_frames.py`` checks that the whole SEG equals the one
 highdicom builds alone, element for element, on every geometry of the volume tests.
 """
 

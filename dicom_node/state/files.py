@@ -5,7 +5,7 @@ renamed into place, so that after a power cut a file is whole, under its final n
 temporary one, or absent; never partial. `write_durably` also flushes the folder, so the file
 is under its final name. A received instance takes one flush instead of three
 (`IncomingFiles`): its temporary name is made durable in advance, and a rename the power cut
-took is done again at the next start (`reindex`).
+took is done again at the next start (`recovery`).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class IncomingFiles:
     content. An instance is written into one, flushed (data and size: the one flush) and
     renamed into place without flushing the folder. After a power cut, the instance is whole
     either where it belongs or still in the incoming folder, where start-up finds it
-    (`reindex.recover_incoming`).
+    (`recovery.recover_incoming`).
 
     Files are made by a thread of their own, a batch at a time, whenever fewer than a batch
     are left, so that a C-STORE waits for them only when instances arrive faster than files
