@@ -7,6 +7,7 @@ study in a new series.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -223,4 +224,32 @@ def build_seg(
         except seg_frames.UnexpectedTemplate as reason:
             log.warning("SEG frames left to highdicom: %s", reason)
     pixel_array = _in_source_frame_order(volume, _segment_label_map(scanned.masks, present))
-    return EncodedSeg.split(_highdicom_seg(volume.source_headers, pixel_array, descriptions, *arguments))
+    sources = [with_shared_functional_groups(header) for header in volume.source_headers]
+    return EncodedSeg.split(_highdicom_seg(sources, pixel_array, descriptions, *arguments))
+
+
+# Functional groups that the standard allows shared or per frame, and that highdicom reads from
+# the shared group of a multi-frame source only.
+_SHAREABLE_GROUPS = ("PixelMeasuresSequence", "PlaneOrientationSequence")
+
+
+def with_shared_functional_groups(header: Dataset) -> Dataset:
+    """``header``, or a copy of it in which a functional group given per frame, the same in
+    every frame (Siemens XA writes its pixel measures so), is given once in the shared group:
+    PS3.3 C.7.6.16 allows either place, and highdicom reads the shared one."""
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    shared_items = header.get("SharedFunctionalGroupsSequence")
+    if not per_frame or not shared_items:
+        return header
+    movable = [keyword for keyword in _SHAREABLE_GROUPS
+               if keyword not in shared_items[0]
+               and all(keyword in item for item in per_frame)
+               and all(item[keyword].value == per_frame[0][keyword].value for item in per_frame)]
+    if not movable:
+        return header
+    copied = copy.deepcopy(header)
+    for keyword in movable:
+        setattr(copied.SharedFunctionalGroupsSequence[0], keyword, per_frame[0][keyword].value)
+        for item in copied.PerFrameFunctionalGroupsSequence:
+            delattr(item, keyword)
+    return copied

@@ -162,3 +162,28 @@ def test_a_database_from_before_supersedes_gains_the_column(tmp_path):
     engine = db.connect(f"sqlite:///{path}")
     with engine.connect() as connection:
         assert "supersedes" in {c["name"] for c in db.inspect(connection).get_columns("results")}
+
+
+def test_a_multi_frame_source_with_its_pixel_measures_per_frame_gets_a_valid_seg_and_sr(tmp_path):
+    """Siemens XA Enhanced MR gives Pixel Measures in each frame's functional groups, not in
+    the shared ones; PS3.3 allows both, and the results are built from either."""
+    import copy
+
+    from tests.support.ct_study import enhanced_ct
+
+    hu = np.random.default_rng(1).integers(-1000, 2000, size=(32, 24, 4)).astype(np.float32)
+    ds = enhanced_ct(hu, np.diag([2.0, 2.0, 3.0, 1.0]), StudyInfo(), 5, [0, 1, 2, 3])
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        item.PixelMeasuresSequence = copy.deepcopy(shared.PixelMeasuresSequence)
+    del shared.PixelMeasuresSequence
+    volume = load_volume(read_frames(write_series([ds], tmp_path / "source")))
+    info = BundleInfo("threshold", "1", {1: "body"}, "")
+    scanned = scan_labels(volume.frame_masks((volume.array > 0).astype(np.uint16)), [1])
+    segments = segments_of(scanned, info)
+    seg = build_seg(volume, scanned, segments, info, Equipment("NODE"), 900, "per frame")
+    sr = build_sr(volume, seg.dataset, segments, info, Equipment("NODE"), 901, "per frame")
+    for name, data in (("seg.dcm", seg.encode()), ("sr.dcm", file_bytes(sr))):
+        (tmp_path / name).write_bytes(data)
+        assert dciodvfy_errors(tmp_path / name) == [], name
+    assert "PixelMeasuresSequence" not in volume.source_headers[0].SharedFunctionalGroupsSequence[0], "source untouched"
