@@ -159,10 +159,8 @@ class Acceptor:
                 association.thread.join()
 
     def _hang_up(self, association: _Association) -> None:
-        try:
-            association.send(protocol.abort_pdu(protocol.REASON_NOT_SPECIFIED))
-        except OSError:
-            pass
+        """Abort, and end the connection under the association's thread, wherever it waits."""
+        self._abort(association, protocol.REASON_NOT_SPECIFIED)
         try:
             association.connection.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -51,7 +51,6 @@ from dicom_node.ingest.index import (
 from dicom_node.ingest.negotiation import Policy
 from dicom_node.ingest.protocol import file_preamble_and_meta
 from dicom_node.ingest.structure import TooLarge, check_structure, inflate
-from dicom_node.printable import printable
 from dicom_node.state import db, files
 
 log = logging.getLogger(__name__)
@@ -143,8 +142,8 @@ class Receiver:
 
     def _finish(self, incoming: IncomingInstance) -> int:
         request = incoming.request
-        peer = printable(f"{request.calling_ae_title}@{request.address}")
-        named = printable(request.sop_instance_uid or "an instance without Affected SOP Instance UID")
+        peer = f"{request.calling_ae_title}@{request.address}"  # escaped by the log formatter (`logs`)
+        named = request.sop_instance_uid or "an instance without Affected SOP Instance UID"
         if incoming.too_large:
             log.warning("refused %s from %s: its data set is %d bytes, more than max_instance_mb = %g",
                         named, peer, incoming.size, self.config.node.max_instance_mb)
@@ -171,7 +170,7 @@ class Receiver:
         refusal = self._refusal(request, header)
         if refusal is not None:
             status, why = refusal
-            log.warning("refused %s from %s: %s", named, peer, printable(why))
+            log.warning("refused %s from %s: %s", named, peer, why)
             return status
         free_mb = _free_mb(self.config.node.data_dir)
         if free_mb < self.config.node.min_free_disk_mb:
