@@ -78,7 +78,7 @@ def main() -> int:
             steps["postprocess"] = bundle.timings["postprocess"]
 
             def seg_to_bytes():  # counting the labels included: the SEG's segments and the SR's volumes
-                scanned = scan_labels(volume.frame_masks(labels), list(bundle.info.labels))
+                scanned = scan_labels(volume.frame_masks(labels), list(bundle.info.labels), volume.frame_voxel_ml())
                 segments = segments_of(scanned, bundle.info)
                 seg = build_seg(volume, scanned, segments, bundle.info, equipment, 900, "b")
                 return segments, seg, seg.encode()

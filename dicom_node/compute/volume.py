@@ -7,13 +7,13 @@ multi-frame image (geometry from its functional groups). Frames are ordered by t
 their Image Position (Patient) on the slice normal, never by Instance Number, and slice spacing
 comes from those positions, never from Slice Thickness.
 
-What cannot be represented exactly is refused with a reason rather than silently distorted:
+Stacks that are not one regular volume of their own images (gantry tilt, uneven spacing, a
+missing slice) are sampled onto a regular grid in patient space, and the bundle's output comes
+back onto each source image at its own pixel centres (:mod:`dicom_node.compute.regular_grid`).
+What cannot be one volume at all is refused, naming every problem found:
 
-- several frames at one position are first split into stacks (acquisition, echo, temporal
-  position); a stack that still repeats a position is refused;
-- uneven spacing (a missing slice, a variable-pitch acquisition) is refused: resampling would
-  put mask voxels between source images that a SEG cannot reference;
-- a stack whose positions drift sideways from the normal (gantry tilt, shear) is refused;
+- several frames at one position are first split into stacks (`split_stacks`); a stack that
+  still repeats a position is refused;
 - frames of different orientation, size or pixel spacing are refused.
 """
 
@@ -28,6 +28,7 @@ import pydicom
 from pydicom import Dataset
 
 from dicom_node.compute.native_pixels import read_native_pixels
+from dicom_node.compute.regular_grid import GridPlacement, regular_grid, sample_onto_grid
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on slice spacing, and absolute tolerance (mm) on stack alignment.
@@ -161,37 +162,51 @@ def split_stacks(frames: list[Frame]) -> dict[str, list[Frame]]:
 
 
 def order_frames(frames: list[Frame]) -> list[Frame]:
-    """Sorted along the slice normal; raises when the stack is not one regular volume."""
+    """Sorted along the slice normal; raises, naming every problem found, when the frames
+    cannot be one volume at all. Tilt and uneven steps are not problems (`is_regular`)."""
     if not frames:
         raise GeometryError("the series has no images")
     first = frames[0]
-    for frame in frames:
-        if not np.allclose(frame.orientation, first.orientation, atol=1e-4):
-            raise GeometryError("images have different orientations")
-        if frame.shape != first.shape:
-            raise GeometryError("images have different sizes")
-        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, atol=1e-4):
-            raise GeometryError("images have different pixel spacings")
+    problems = []
+    orientations = {tuple(np.round(f.orientation, 4)) for f in frames}
+    if len(orientations) > 1:
+        problems.append(f"images in {len(orientations)} different orientations")
+    sizes = {f.shape for f in frames}
+    if len(sizes) > 1:
+        problems.append("images of different sizes (" + ", ".join(f"{r} x {c}" for r, c in sorted(sizes)) + ")")
+    spacings = {tuple(np.round(f.pixel_spacing, 4)) for f in frames}
+    if len(spacings) > 1:
+        problems.append("images with different pixel spacings (" +
+                        ", ".join(f"{r:g} x {c:g} mm" for r, c in sorted(spacings)) + ")")
     normal = first.normal
     ordered = sorted(frames, key=lambda f: float(np.dot(normal, f.position)))
-    positions = np.array([f.position for f in ordered], dtype=np.float64)
-    if len(ordered) > 1:
-        steps = np.diff(positions @ normal)
-        if np.any(steps < ALIGNMENT_TOLERANCE_MM):
-            raise GeometryError("several images share one position (several stacks in one series)")
-        if steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean():
-            raise GeometryError(
-                f"uneven slice spacing ({steps.min():.3f} to {steps.max():.3f} mm, a missing slice or "
-                "variable pitch); refusing to resample between source images"
-            )
-        offsets = positions - positions[0]
-        sideways = offsets - np.outer(offsets @ normal, normal)
-        if np.abs(sideways).max() > ALIGNMENT_TOLERANCE_MM:
-            raise GeometryError(
-                f"slices drift {np.abs(sideways).max():.2f} mm sideways from their normal "
-                "(gantry tilt or shear); refusing a sheared volume"
-            )
+    steps = np.diff([float(np.dot(normal, f.position)) for f in ordered])
+    if np.any(steps < ALIGNMENT_TOLERANCE_MM):
+        problems.append(f"{int(np.sum(steps < ALIGNMENT_TOLERANCE_MM)) + 1} images share a position "
+                        "(several stacks in one series)")
+    if problems:
+        raise GeometryError("; ".join(problems))
     return ordered
+
+
+def irregularity(ordered: list[Frame]) -> str | None:
+    """What keeps an ordered stack off one regular grid of its own images (gantry tilt, uneven
+    steps), in words for the operator; None for a regular stack."""
+    if len(ordered) < 2:
+        return None
+    normal = ordered[0].normal
+    positions = np.array([f.position for f in ordered], dtype=np.float64)
+    steps = np.diff(positions @ normal)
+    found = []
+    offsets = positions - positions[0]
+    sideways = offsets - np.outer(offsets @ normal, normal)
+    if np.abs(sideways).max() > ALIGNMENT_TOLERANCE_MM:
+        travel = offsets[-1]
+        tilt = np.degrees(np.arccos(min(1.0, abs(float(travel @ normal)) / float(np.linalg.norm(travel)))))
+        found.append(f"images drift {np.abs(sideways).max():.1f} mm sideways (gantry tilt {tilt:.1f} degrees)")
+    if steps.max() - steps.min() > SPACING_TOLERANCE * steps.mean():
+        found.append(f"uneven slice spacing ({steps.min():.2f} to {steps.max():.2f} mm: a missing slice or variable pitch)")
+    return "; ".join(found) or None
 
 
 def affine_lps(ordered: list[Frame]) -> np.ndarray:
@@ -214,9 +229,17 @@ def affine_lps(ordered: list[Frame]) -> np.ndarray:
 
 @dataclass
 class Volume:
+    """A stack as the bundle sees it: modality values on a regular grid, with its affine.
+
+    For a regular stack the grid is the images themselves (slice k is ``frames[k]``). For a
+    tilted or unevenly spaced one (`irregularity`) it is the grid of :mod:`regular_grid`, and
+    ``placement`` says where each source image lies on it; ``resampled`` names why."""
+
     array: np.ndarray  # float32 [i, j, k], modality values (e.g. Hounsfield units), stored [k, j, i]
     affine_ras: np.ndarray  # 4x4, voxel index to RAS mm
-    frames: list[Frame]  # frames[k] is slice k
+    frames: list[Frame]  # the source images, ordered along the normal
+    placement: GridPlacement | None = None  # None: slice k is frames[k]
+    resampled: str | None = None  # why the images were sampled onto a grid of their own
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -240,8 +263,33 @@ class Volume:
         """Masks in source-image layout: ``result[k]`` is ``(rows, columns)`` of ``frames[k]``."""
         if labels.shape != self.array.shape:
             raise GeometryError(f"mask shape {labels.shape} does not match the volume {self.array.shape}")
+        if self.placement is not None:
+            return self.placement.frame_masks(labels)
         # No copy when labels come from Bundle.predict, which lays them out frame by frame.
         return np.ascontiguousarray(np.transpose(labels, (2, 1, 0)))
+
+    def frame_voxel_ml(self) -> np.ndarray:
+        """The volume each source image's voxels stand for, in mL, image by image: its pixel
+        area times the slab it covers, half-way to each neighbour along the normal (the step
+        of a regular stack; at the ends of an uneven one, the step to the one neighbour)."""
+        first = self.frames[0]
+        area = first.pixel_spacing[0] * first.pixel_spacing[1]
+        if self.placement is None or len(self.frames) < 2:
+            return np.full(len(self.frames), abs(float(np.linalg.det(self.affine_ras[:3, :3]))) / 1000.0)
+        along = np.array([np.dot(first.normal, f.position) for f in self.frames])
+        steps = np.diff(along)
+        slab = (np.concatenate([[steps[0]], steps]) + np.concatenate([steps, [steps[-1]]])) / 2.0
+        return area * slab / 1000.0
+
+    def source_images(self):
+        """Each source image's modality values, ``(rows, columns)``, in the order of ``frames``."""
+        if self.placement is None:
+            for k in range(len(self.frames)):
+                yield self.array[:, :, k].T
+            return
+        decoded = _DecodedFiles(self.frames)
+        for frame in self.frames:
+            yield _modality_values(decoded.plane(frame), frame)
 
 
 # Patient and General Study attributes (Type 2) that the SEG and SR copy from their sources.
@@ -286,6 +334,18 @@ def _as_frames(pixels: np.ndarray, frame: Frame) -> np.ndarray:
     return pixels
 
 
+def _modality_values(stored: np.ndarray, frame: Frame, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored pixel values through the frame's rescale, as float32."""
+    if out is None:
+        out = np.empty(stored.shape, dtype=np.float32)
+    if frame.slope == 1.0:  # the usual CT case: one pass over the image instead of two
+        np.add(stored, np.float32(frame.intercept), out=out, casting="unsafe")
+    else:
+        np.multiply(stored, frame.slope, out=out, casting="unsafe")
+        out += frame.intercept
+    return out
+
+
 def load_volume(frames: list[Frame]) -> Volume:
     """Decode the frames of one stack into a float32 volume of modality values.
 
@@ -293,16 +353,21 @@ def load_volume(frames: list[Frame]) -> Volume:
     as the images themselves are): each decoded image is then one contiguous write, the label
     map comes back in the same layout (:mod:`dicom_node.compute.resampling`), and the SEG's frames are
     views of it, with no transposition anywhere. Peak memory stays near the volume itself:
-    besides it, only a file's pixels until its frames are placed.
+    besides it, only a file's pixels until its frames are placed. A tilted or unevenly spaced
+    stack is then sampled onto a regular grid (:mod:`dicom_node.compute.regular_grid`), which
+    holds both for a moment.
     """
     ordered = order_frames(frames)
     rows, columns = ordered[0].shape
     by_frame = np.empty((len(ordered), rows, columns), dtype=np.float32)
     decoded = _DecodedFiles(ordered)
     for k, frame in enumerate(ordered):
-        if frame.slope == 1.0:  # the usual CT case: one pass over the image instead of two
-            np.add(decoded.plane(frame), np.float32(frame.intercept), out=by_frame[k], casting="unsafe")
-        else:
-            np.multiply(decoded.plane(frame), frame.slope, out=by_frame[k], casting="unsafe")
-            by_frame[k] += frame.intercept
-    return Volume(array=by_frame.transpose(2, 1, 0), affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)
+        _modality_values(decoded.plane(frame), frame, out=by_frame[k])
+    why = irregularity(ordered)
+    if why is None:
+        return Volume(array=by_frame.transpose(2, 1, 0), affine_ras=LPS_TO_RAS @ affine_lps(ordered), frames=ordered)
+    first = ordered[0]
+    grid = regular_grid(np.array([f.position for f in ordered]), first.orientation, first.pixel_spacing, first.shape)
+    array = sample_onto_grid(by_frame, grid)
+    return Volume(array=array, affine_ras=LPS_TO_RAS @ grid.affine_lps, frames=ordered,
+                  placement=grid.placement, resampled=why)

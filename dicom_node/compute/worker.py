@@ -258,6 +258,8 @@ class Worker:
         started = time.perf_counter()
         volume = self._volume(job)
         timings["volume"] = time.perf_counter() - started
+        if volume.resampled:
+            self._note_resampling(job, volume)
         bundle = self.bundle(pipeline, job["study_uid"])
         labels = bundle.predict(volume)
         timings.update(bundle.timings)
@@ -277,12 +279,20 @@ class Worker:
             raise JobFailure(f"stack {job['stack']!r} is no longer in the series (it now has {sorted(stacks)})")
         return load_volume(stacks[job["stack"]])
 
+    def _note_resampling(self, job, volume: Volume) -> None:
+        """Say in the study's events why its images went through a grid of their own."""
+        spacing = " x ".join(f"{s:.2f}" for s in volume.spacing)
+        with self.engine.begin() as connection:
+            db.log_event(connection, job["study_uid"], "info",
+                         f"job {job['id']}: {volume.resampled}; the images were sampled onto a regular grid of "
+                         f"{spacing} mm for the model, and its results brought back onto each image")
+
     def _encode(self, job, pipeline: Pipeline, bundle: Bundle, volume: Volume, labels) -> _Encoded:
         """The SEG (when a label was found), the SR and the outline images, as file bytes. A
         failure here is the series' and the bundle's, not the moment's: it is not retried."""
         try:
             masks = volume.frame_masks(labels)
-            scanned = scan_labels(masks, list(bundle.info.labels))
+            scanned = scan_labels(masks, list(bundle.info.labels), volume.frame_voxel_ml())
             segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
             description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
             series_number = self.config.series_number(pipeline)

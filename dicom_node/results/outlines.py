@@ -85,11 +85,10 @@ def build_outline_images(
     present = [segment for segment in segments if segment.present]
     series_uid = generate_uid()
     images = []
-    for k, frame in enumerate(volume.frames):
+    for k, (frame, plane) in enumerate(zip(volume.frames, volume.source_images(), strict=True)):
         labels = masks[k]
         if not labels.any():
             continue
-        plane = volume.array[:, :, k].T  # rows x columns, as the source image
         rgb = np.repeat(_grey(plane, *_window(frame, plane))[..., None], 3, axis=-1)
         for position, segment in enumerate(present):
             mask = labels == segment.label_value

@@ -35,6 +35,7 @@ class Segment:
     name: str  # the bundle's own label name
     codes: SegmentCodes
     voxel_count: int
+    volume_ml: float
 
     @property
     def present(self) -> bool:
@@ -55,7 +56,8 @@ def segments_of(
     for value, name in sorted(info.labels.items()):
         voxels = scanned.counts.get(value, 0)
         number += voxels > 0
-        segments.append(Segment(number if voxels else None, value, name, codes_for_label(name, overrides), voxels))
+        segments.append(Segment(number if voxels else None, value, name, codes_for_label(name, overrides), voxels,
+                                scanned.volumes_ml.get(value, 0.0)))
     return segments
 
 

@@ -99,20 +99,23 @@ LABELS_TESTED_ONE_BY_ONE = 4
 @dataclass
 class ScannedLabels:
     """A label map on the source images, read once for both results: the voxel count of each
-    label (the SR's volumes, and which labels become segments) and the bit-packed mask (first
+    label (which labels become segments), the volume in mL it covers (the SR's measurement), and
+    the bit-packed mask (first
     pixel in the lowest bit) of every (image, label) pair that has a voxel (the SEG's frames;
     pairs not listed are the empty frames it leaves out)."""
 
     masks: np.ndarray  # masks[k]: label values on source image k (Volume.frame_masks)
     packed: dict[tuple[int, int], np.ndarray]  # (k, label value) -> packed bits
     counts: dict[int, int]  # label value -> voxels
+    volumes_ml: dict[int, float]  # label value -> mL
 
 
-def scan_labels(masks: np.ndarray, label_values: Sequence[int]) -> ScannedLabels:
+def scan_labels(masks: np.ndarray, label_values: Sequence[int], voxel_ml: Sequence[float]) -> ScannedLabels:
     """Compares each image with each label it may hold, once; with many labels, a count of the
-    image's values first says which ones. Values outside ``label_values`` are ignored."""
+    image's values first says which ones. Values outside ``label_values`` are ignored.
+    ``voxel_ml[k]``: what one voxel of image k stands for (`Volume.frame_voxel_ml`)."""
     wanted = sorted(set(label_values))
-    packed, counts = {}, dict.fromkeys(wanted, 0)
+    packed, counts, volumes = {}, dict.fromkeys(wanted, 0), dict.fromkeys(wanted, 0.0)
     for plane, image in enumerate(masks):
         if len(wanted) <= LABELS_TESTED_ONE_BY_ONE:
             candidates = wanted
@@ -125,7 +128,8 @@ def scan_labels(masks: np.ndarray, label_values: Sequence[int]) -> ScannedLabels
             if voxels:
                 packed[plane, value] = np.packbits(bits, axis=None, bitorder="little")
                 counts[value] += voxels
-    return ScannedLabels(masks, packed, counts)
+                volumes[value] += voxels * float(voxel_ml[plane])
+    return ScannedLabels(masks, packed, counts, volumes)
 
 
 def frames_in_order(

@@ -8,7 +8,6 @@ them.
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -29,10 +28,6 @@ PROCEDURES = {
 }
 
 
-def voxel_volume_ml(volume: Volume) -> float:
-    return float(abs(np.linalg.det(volume.affine_ras[:3, :3]))) / 1000.0
-
-
 def _present_group(segment: Segment, seg: hd.seg.Segmentation, volume: Volume, algorithm) -> object:
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -50,7 +45,7 @@ def _present_group(segment: Segment, seg: hd.seg.Segmentation, volume: Volume, a
         measurements=[
             hd.sr.Measurement(
                 name=codes.SCT.Volume,
-                value=round(segment.voxel_count * voxel_volume_ml(volume), 3),
+                value=round(segment.volume_ml, 3),
                 unit=MILLILITER,
                 algorithm_id=algorithm,
             )

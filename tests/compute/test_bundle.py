@@ -83,7 +83,7 @@ def test_zoo_bundle_runs_unmodified_and_its_labels_become_coded_segments(tmp_pat
     assert labels.max() < channels
     assert bundle.timings["network"] > 0
 
-    scanned = scan_labels(ct_volume.frame_masks(labels), list(bundle.info.labels))
+    scanned = scan_labels(ct_volume.frame_masks(labels), list(bundle.info.labels), ct_volume.frame_voxel_ml())
     segments = segments_of(scanned, bundle.info)
     assert [s.name for s in segments] == [bundle.info.labels[v] for v in sorted(bundle.info.labels)]
     present = [s for s in segments if s.present]

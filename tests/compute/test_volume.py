@@ -153,8 +153,8 @@ def test_truth_comes_back_on_the_right_pixels_of_the_right_images(tmp_path, geom
     assert np.array_equal(labels, truth_in_volume)
 
     info = BundleInfo("test", "1", {1: "bone"}, "")
-    segment = Segment(1, 1, "bone", codes_for_label("bone"), int(labels.sum()))
-    scanned = scan_labels(volume.frame_masks(labels.astype(np.uint16)), [1])
+    segment = Segment(1, 1, "bone", codes_for_label("bone"), int(labels.sum()), 1.0)
+    scanned = scan_labels(volume.frame_masks(labels.astype(np.uint16)), [1], volume.frame_voxel_ml())
     seg = build_seg(volume, scanned, [segment], info, Equipment("NODE"), 900, "round trip")
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(BytesIO(seg.encode())))
     for frame in volume.frames:
@@ -168,21 +168,6 @@ def test_truth_comes_back_on_the_right_pixels_of_the_right_images(tmp_path, geom
                 frame.sop_instance_uid, [frame.index + 1], segment_numbers=[1]
             )[0, ..., 0]
         assert np.array_equal(mask > 0, truth[:, :, k_written].T), f"wrong pixels on the image of slice {k_written}"
-
-
-def test_uneven_spacing_is_refused_with_a_reason(tmp_path):
-    images = series_from_array(distinct_volume(), GEOMETRIES["axial"], StudyInfo(), 1, "gap")
-    del images[5]
-    with pytest.raises(GeometryError, match="uneven slice spacing"):
-        load_volume(read_frames(write_series(images, tmp_path)))
-
-
-def test_gantry_tilt_is_refused_not_sheared(tmp_path):
-    tilted = GEOMETRIES["axial"].copy()
-    tilted[1, 2] = 2.5 * np.tan(np.radians(12))  # each slice shifted posteriorly: a 12 degree tilt
-    images = series_from_array(distinct_volume(), tilted, StudyInfo(), 1, "tilt")
-    with pytest.raises(GeometryError, match="gantry tilt"):
-        load_volume(read_frames(write_series(images, tmp_path)))
 
 
 def test_repeated_positions_split_into_stacks_per_echo(tmp_path):

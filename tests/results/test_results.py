@@ -44,7 +44,7 @@ def results(tmp_path):
         image.SpecificCharacterSet = "ISO_IR 192"
     volume = load_volume(read_frames(write_series(images, tmp_path / "ct")))
     labels = np.ascontiguousarray(phantom.labels.astype(np.uint16))
-    scanned = scan_labels(volume.frame_masks(labels), list(INFO.labels))
+    scanned = scan_labels(volume.frame_masks(labels), list(INFO.labels), volume.frame_voxel_ml())
     segments = segments_of(scanned, INFO)
     equipment = Equipment("NODE1")
     seg = build_seg(volume, scanned, segments, INFO, equipment, 900, "SEG test")
@@ -179,7 +179,7 @@ def test_a_multi_frame_source_with_its_pixel_measures_per_frame_gets_a_valid_seg
     del shared.PixelMeasuresSequence
     volume = load_volume(read_frames(write_series([ds], tmp_path / "source")))
     info = BundleInfo("threshold", "1", {1: "body"}, "")
-    scanned = scan_labels(volume.frame_masks((volume.array > 0).astype(np.uint16)), [1])
+    scanned = scan_labels(volume.frame_masks((volume.array > 0).astype(np.uint16)), [1], volume.frame_voxel_ml())
     segments = segments_of(scanned, info)
     seg = build_seg(volume, scanned, segments, info, Equipment("NODE"), 900, "per frame")
     sr = build_sr(volume, seg.dataset, segments, info, Equipment("NODE"), 901, "per frame")

@@ -48,7 +48,8 @@ def _read(data: bytes) -> pydicom.Dataset:
 def _segments(labels: np.ndarray, count: int) -> list[Segment]:
     names = ["body", "bone", "liver", "spleen", "kidney", "aorta", "lung"]
     return [
-        Segment(number, number, names[number - 1], codes_for_label(names[number - 1]), int((labels == number).sum()))
+        Segment(number, number, names[number - 1], codes_for_label(names[number - 1]),
+                int((labels == number).sum()), 1.0)
         for number in range(1, count + 1)
     ]
 
@@ -60,7 +61,7 @@ def _both_ways(volume, labels: np.ndarray, count: int, caplog) -> tuple[pydicom.
     segments = _segments(labels, count)
     masks = volume.frame_masks(labels)
     with caplog.at_level(logging.WARNING):
-        node = build_seg(volume, scan_labels(masks, range(1, count + 1)), segments, info, equipment, 900, "frames")
+        node = build_seg(volume, scan_labels(masks, range(1, count + 1), volume.frame_voxel_ml()), segments, info, equipment, 900, "frames")
     assert "left to highdicom" not in caplog.text, "the node's frame encoder was not used"
     descriptions = [segment_description(segment, info) for segment in segments]
     for ours, theirs in zip(node.dataset.SegmentSequence, descriptions):
@@ -149,9 +150,13 @@ def test_a_scan_counts_every_label_and_packs_every_image_that_holds_it(label_cou
     masks = rng.integers(0, label_count + 2, size=(6, 9, 7)).astype(np.uint16)  # values beyond the labels too
     masks[2] = 0
     wanted = list(range(1, label_count + 1))
-    scanned = scan_labels(masks, wanted)
+    voxel_ml = np.linspace(0.5, 1.5, 6)  # images of an uneven stack stand for different slabs
+    scanned = scan_labels(masks, wanted, voxel_ml)
     expected = np.bincount(masks.ravel(), minlength=label_count + 2)
     assert scanned.counts == {value: int(expected[value]) for value in wanted}
+    for value in wanted:
+        per_plane = (masks == value).sum(axis=(1, 2))
+        assert scanned.volumes_ml[value] == pytest.approx(float(per_plane @ voxel_ml))
     holding = {(plane, value) for plane in range(6) for value in wanted if (masks[plane] == value).any()}
     assert set(scanned.packed) == holding
     for (plane, value), bits in scanned.packed.items():
