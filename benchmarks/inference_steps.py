@@ -25,7 +25,8 @@ import torch
 
 from dicom_node.compute.bundle import Bundle
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
-from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.compute.frames import read_frames
+from dicom_node.compute.volume import load_volume
 from dicom_node.results import file_bytes
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of

@@ -20,7 +20,8 @@ from common import ROOT, write_ct
 LOAD = """
 import resource, sys, time
 from pathlib import Path
-from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.compute.frames import read_frames
+from dicom_node.compute.volume import load_volume
 paths = sorted(Path(sys.argv[1]).iterdir())
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()

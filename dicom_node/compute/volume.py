@@ -3,7 +3,7 @@
 The volume array is indexed ``[i, j, k]`` = (column, row, slice), as NIfTI tools such as
 dcm2niix lay it out, and comes with its affine in RAS millimetres, the convention MONAI's
 readers give bundles. A slice is a *frame*: a single-frame image, or one frame of an Enhanced
-multi-frame image (geometry from its functional groups). Frames are ordered by the projection of
+multi-frame image (:mod:`dicom_node.compute.frames`). Frames are ordered by the projection of
 their Image Position (Patient) on the slice normal, never by Instance Number, and slice spacing
 comes from those positions, never from Slice Thickness.
 
@@ -12,153 +12,28 @@ missing slice) are sampled onto a regular grid in patient space, and the bundle'
 back onto each source image at its own pixel centres (:mod:`dicom_node.compute.regular_grid`).
 What cannot be one volume at all is refused, naming every problem found:
 
-- several frames at one position are first split into stacks (`split_stacks`); a stack that
+- several frames at one position are first split into stacks (`frames.split_stacks`); a stack that
   still repeats a position is refused;
 - frames of different orientation, size or pixel spacing are refused.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom import Dataset
 
+from dicom_node.compute.frames import ALIGNMENT_TOLERANCE_MM, Frame, GeometryError
 from dicom_node.compute.native_pixels import read_native_pixels
 from dicom_node.compute.regular_grid import GridPlacement, regular_grid, sample_onto_grid
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Relative tolerance on slice spacing, and absolute tolerance (mm) on stack alignment.
+# Relative tolerance on slice spacing.
 SPACING_TOLERANCE = 0.01
-ALIGNMENT_TOLERANCE_MM = 0.05
-# Attributes that tell apart stacks sharing positions, with the words used to name them.
-STACK_ATTRIBUTES = (
-    ("AcquisitionNumber", "acquisition"),
-    ("EchoNumbers", "echo"),
-    ("TemporalPositionIdentifier", "temporal position"),
-    ("TemporalPositionIndex", "temporal position"),
-    ("StackID", "stack"),
-)
-
-
-class GeometryError(ValueError):
-    """The series cannot become one regular volume; the message says why, for the operator."""
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One 2D image: a single-frame instance, or one frame of a multi-frame instance."""
-
-    header: Dataset = field(repr=False)  # the instance's header, without pixel data
-    path: Path
-    index: int | None  # 0-based frame number in a multi-frame instance; None for single-frame
-    position: tuple[float, float, float]
-    orientation: tuple[float, ...]  # row cosines then column cosines
-    pixel_spacing: tuple[float, float]  # between rows, between columns
-    slope: float
-    intercept: float
-    stack_values: tuple[tuple[str, str], ...]  # (name, value) of STACK_ATTRIBUTES present
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return str(self.header.SOPInstanceUID)
-
-    @property
-    def normal(self) -> np.ndarray:
-        return np.cross(self.orientation[:3], self.orientation[3:])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.header.Rows), int(self.header.Columns)
-
-
-def _first(dataset: Dataset, sequence: str) -> Dataset | None:
-    items = dataset.get(sequence)
-    return items[0] if items else None
-
-
-def _functional_group(header: Dataset, per_frame: Dataset | None, sequence: str) -> Dataset | None:
-    """A functional group item, per-frame first, then shared (PS3.3 C.7.6.16)."""
-    for groups in (per_frame, _first(header, "SharedFunctionalGroupsSequence")):
-        if groups is not None and sequence in groups:
-            return groups[sequence][0]
-    return None
-
-
-def _stack_values(*datasets: Dataset | None) -> tuple[tuple[str, str], ...]:
-    values = []
-    for keyword, name in STACK_ATTRIBUTES:
-        for dataset in datasets:
-            if dataset is not None and keyword in dataset and dataset[keyword].value not in (None, ""):
-                values.append((name, str(dataset[keyword].value)))
-                break
-    return tuple(values)
-
-
-def frames_of(header: Dataset, path: Path) -> list[Frame]:
-    """The frames of one stored instance with the geometry each one has."""
-    if "PerFrameFunctionalGroupsSequence" not in header:
-        for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-            if keyword not in header:
-                raise GeometryError(f"instance {header.SOPInstanceUID} has no {keyword}")
-        return [_frame(header, path, None, header, header, header, header, _stack_values(header))]
-    frames = []
-    for index, per_frame in enumerate(header.PerFrameFunctionalGroupsSequence):
-        position = _functional_group(header, per_frame, "PlanePositionSequence")
-        orientation = _functional_group(header, per_frame, "PlaneOrientationSequence")
-        measures = _functional_group(header, per_frame, "PixelMeasuresSequence")
-        transform = _functional_group(header, per_frame, "PixelValueTransformationSequence")
-        if position is None or orientation is None or measures is None:
-            raise GeometryError(f"frame {index + 1} of {header.SOPInstanceUID} lacks plane position or orientation")
-        content = _first(per_frame, "FrameContentSequence")
-        frames.append(
-            _frame(header, path, index, position, orientation, measures, transform, _stack_values(content, header))
-        )
-    return frames
-
-
-def _frame(header, path, index, position, orientation, measures, transform, stack_values) -> Frame:
-    """A frame from the datasets holding its geometry: the image itself for a single-frame
-    image, its functional group items for a frame of a multi-frame one."""
-    return Frame(
-        header=header,
-        path=path,
-        index=index,
-        position=tuple(float(v) for v in position.ImagePositionPatient),
-        orientation=tuple(float(v) for v in orientation.ImageOrientationPatient),
-        pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),
-        slope=float(transform.get("RescaleSlope", 1.0) or 1.0) if transform is not None else 1.0,
-        intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0) if transform is not None else 0.0,
-        stack_values=stack_values,
-    )
-
-
-def read_frames(paths: list[Path]) -> list[Frame]:
-    frames = []
-    for path in paths:
-        frames.extend(frames_of(pydicom.dcmread(path, stop_before_pixels=True), path))
-    return frames
-
-
-def _position_key(frame: Frame) -> tuple[float, ...]:
-    return tuple(round(v / ALIGNMENT_TOLERANCE_MM) for v in frame.position)
-
-
-def split_stacks(frames: list[Frame]) -> dict[str, list[Frame]]:
-    """Frames grouped into stacks; one stack named "" unless positions repeat."""
-    if len({_position_key(f) for f in frames}) == len(frames):
-        return {"": frames}
-    stacks: dict[str, list[Frame]] = defaultdict(list)
-    for frame in frames:
-        stacks[", ".join(f"{name} {value}" for name, value in frame.stack_values)].append(frame)
-    if len(stacks) == 1:
-        raise GeometryError(
-            "several images share one position and nothing (acquisition, echo, temporal position) tells them apart"
-        )
-    return dict(sorted(stacks.items()))
 
 
 def order_frames(frames: list[Frame]) -> list[Frame]:

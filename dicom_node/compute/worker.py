@@ -27,9 +27,10 @@ import torch
 from sqlalchemy import Engine, select
 
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
+from dicom_node.compute.frames import GeometryError, read_frames, split_stacks
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.prefetch import VolumePrefetch
-from dicom_node.compute.volume import GeometryError, Volume, load_volume, read_frames, split_stacks
+from dicom_node.compute.volume import Volume, load_volume
 from dicom_node.config import Config, Pipeline
 from dicom_node.doorbell import Bell, Ringer
 from dicom_node.results import file_bytes, load_standard_tables

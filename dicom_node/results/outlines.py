@@ -17,7 +17,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from scipy.ndimage import binary_erosion
 
-from dicom_node.compute.volume import Frame, Volume
+from dicom_node.compute.frames import Frame
+from dicom_node.compute.volume import Volume
 from dicom_node.results.equipment import MANUFACTURER, Equipment
 from dicom_node.results.seg import Segment
 

@@ -18,7 +18,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.bundle_info import BundleInfo
-from dicom_node.compute.volume import GeometryError, Volume
+from dicom_node.compute.frames import GeometryError
+from dicom_node.compute.volume import Volume
 from dicom_node.results import file_bytes, seg_frames
 from dicom_node.results.codes import SegmentCodes, codes_for_label
 from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment
@@ -73,18 +74,29 @@ def _segment_label_map(per_slice_labels: np.ndarray, segments: list[Segment]) ->
     return lookup[per_slice_labels]
 
 
-def _in_source_frame_order(volume: Volume, per_slice: np.ndarray) -> np.ndarray:
-    """highdicom wants one mask per source frame, in the source's own order: one per instance
-    for single-frame images, one per frame of the (single) multi-frame source otherwise."""
-    if all(frame.index is None for frame in volume.frames):
-        return per_slice  # source_headers follow the slices one to one
+def _stack_of_multi_frame_source(volume: Volume) -> tuple[Dataset, dict[int, int]]:
+    """The multi-frame source as highdicom can take it: a copy holding only this stack's frames,
+    in the volume's order (highdicom refuses a source whose frames repeat a position, as those of
+    an image holding several stacks do), and the frame numbers of the copy mapped back to the
+    source's own."""
     headers = volume.source_headers
     if len(headers) != 1:
         raise GeometryError("a stack drawn from several multi-frame instances cannot be one SEG")
-    ordered = np.zeros((int(headers[0].NumberOfFrames), *per_slice.shape[1:]), dtype=per_slice.dtype)
-    for k, frame in enumerate(volume.frames):
-        ordered[frame.index] = per_slice[k]
-    return ordered
+    source = with_shared_functional_groups(headers[0])
+    stack = copy.copy(source)
+    stack.PerFrameFunctionalGroupsSequence = [source.PerFrameFunctionalGroupsSequence[f.index] for f in volume.frames]
+    stack.NumberOfFrames = len(volume.frames)
+    return stack, {number: frame.index + 1 for number, frame in enumerate(volume.frames, 1)}
+
+
+def _refer_to_source_frames(seg: hd.seg.Segmentation, source_frame: dict[int, int]) -> None:
+    """Frame references of a SEG built on `_stack_of_multi_frame_source`, renumbered to the
+    frames of the source itself."""
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            for reference in derivation.get("SourceImageSequence", []):
+                if "ReferencedFrameNumber" in reference:
+                    reference.ReferencedFrameNumber = source_frame[int(reference.ReferencedFrameNumber)]
 
 
 def segment_description(segment: Segment, info: BundleInfo) -> hd.seg.SegmentDescription:
@@ -216,7 +228,8 @@ def build_seg(
     series_description: str,
 ) -> EncodedSeg:
     """The SEG of the segments present (at least one). Single-frame sources, the usual CT and MR
-    series, get their frames from ``seg_frames``; a multi-frame source is left to highdicom."""
+    series, get their frames from ``seg_frames``; a multi-frame source is left to highdicom, given
+    the frames of this stack (`_stack_of_multi_frame_source`)."""
     present = [segment for segment in segments if segment.present]
     descriptions = [segment_description(segment, info) for segment in present]
     arguments = (info, equipment, series_number, series_description)
@@ -225,9 +238,10 @@ def build_seg(
             return _frames_by_node(volume, scanned, present, descriptions, *arguments)
         except seg_frames.UnexpectedTemplate as reason:
             log.warning("SEG frames left to highdicom: %s", reason)
-    pixel_array = _in_source_frame_order(volume, _segment_label_map(scanned.masks, present))
-    sources = [with_shared_functional_groups(header) for header in volume.source_headers]
-    return EncodedSeg.split(_highdicom_seg(sources, pixel_array, descriptions, *arguments))
+    source, source_frame = _stack_of_multi_frame_source(volume)
+    seg = _highdicom_seg([source], _segment_label_map(scanned.masks, present), descriptions, *arguments)
+    _refer_to_source_frames(seg, source_frame)
+    return EncodedSeg.split(seg)
 
 
 # Functional groups that the standard allows shared or per frame, and that highdicom reads from

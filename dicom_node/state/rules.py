@@ -3,7 +3,8 @@
 Only cross-sectional image stacks are candidates: localizers, secondary captures, dose reports
 and other non-image objects are never sent to a model. A candidate is taken when every condition
 of one ``select`` block holds (several blocks are alternatives). Conditions read DICOM keywords
-of the stack's first image, or facts the node computes (lower-case names, see ``FACTS``). Among
+of the stack's first image (for a frame of a multi-frame image, its own functional groups first,
+so that ``FrameType`` is the frame's), or facts the node computes (lower-case names, see ``FACTS``). Among
 the matching stacks the pipeline takes one, by its ``prefer`` order, or all of them.
 See docs/rules.md for the syntax.
 """
@@ -27,7 +28,8 @@ from pydicom.uid import (
     PositronEmissionTomographyImageStorage,
 )
 
-from dicom_node.compute.volume import SPACING_TOLERANCE, Frame, GeometryError, read_frames, split_stacks
+from dicom_node.compute.frames import Frame, GeometryError, read_frames, split_stacks
+from dicom_node.compute.volume import SPACING_TOLERANCE
 from dicom_node.config import Condition, Pipeline, Scalar, SelectBlock
 
 VOLUME_SOP_CLASSES = {
@@ -93,7 +95,8 @@ class StackFacts:
         text = f"series {number} {self.header.get('SeriesDescription', '')!r}"
         if self.stack:
             text += f" [{self.stack}]"
-        details = [f"{self.images} images"]
+        multi_frame = bool(self.frames) and self.frames[0].index is not None
+        details = [f"{self.images} {'frames' if multi_frame else 'images'}"]
         if self.orientation:
             details.append(self.orientation)
         if self.slice_spacing is not None:
@@ -135,6 +138,9 @@ def why_not_an_image_series(header: Dataset) -> str | None:
 def _present(key: str, facts: StackFacts) -> tuple[bool, object]:
     if key in FACTS:
         value = getattr(facts, key)
+        return value is not None, value
+    if facts.frames:  # a multi-frame stack's own frame type, echo...: its frames' functional groups
+        value = facts.frames[0].attribute(key)
         return value is not None, value
     if key not in facts.header:
         return False, None

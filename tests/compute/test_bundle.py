@@ -22,7 +22,8 @@ from monai.bundle import ConfigParser
 
 from dicom_node.bundle_info import read_bundle_info
 from dicom_node.compute.bundle import Bundle
-from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.compute.frames import read_frames
+from dicom_node.compute.volume import load_volume
 from dicom_node.results import file_bytes
 from dicom_node.results.codes import ANATOMY
 from dicom_node.results.equipment import Equipment

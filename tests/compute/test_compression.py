@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from dicom_node.compute.volume import GeometryError, _as_frames, load_volume, read_frames
+from dicom_node.compute.frames import GeometryError, read_frames
+from dicom_node.compute.volume import _as_frames, load_volume
 from tests.support.ct_study import StudyInfo, ct_series, enhanced_ct, make_phantom, write_series
 
 LOSSLESS = {

@@ -18,7 +18,8 @@ import pydicom
 import pytest
 
 from dicom_node.bundle_info import BundleInfo
-from dicom_node.compute.volume import GeometryError, load_volume, read_frames
+from dicom_node.compute.frames import GeometryError, read_frames
+from dicom_node.compute.volume import load_volume
 from dicom_node.results.codes import codes_for_label
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import Segment, build_seg

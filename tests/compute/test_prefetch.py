@@ -9,8 +9,9 @@ import os
 import numpy as np
 from sqlalchemy import update
 
+from dicom_node.compute.frames import read_frames, split_stacks
 from dicom_node.compute.prefetch import VolumePrefetch
-from dicom_node.compute.volume import load_volume, read_frames, split_stacks
+from dicom_node.compute.volume import load_volume
 from dicom_node.state import db
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 from tests.support.received import stored_by_receiver

@@ -15,7 +15,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.bundle_info import BundleInfo
-from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.compute.frames import read_frames
+from dicom_node.compute.volume import load_volume
 from dicom_node.results import file_bytes
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import build_seg, segments_of

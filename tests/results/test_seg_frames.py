@@ -15,15 +15,16 @@ import pydicom
 import pytest
 
 from dicom_node.bundle_info import BundleInfo
-from dicom_node.compute.volume import load_volume, read_frames
+from dicom_node.compute.frames import read_frames
+from dicom_node.compute.volume import load_volume
 from dicom_node.results import file_bytes
 from dicom_node.results import seg as seg_module
 from dicom_node.results.codes import codes_for_label
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.seg import Segment, build_seg, segment_description
 from dicom_node.results.seg_frames import LABELS_TESTED_ONE_BY_ONE, element, scan_labels
-from tests.support.ct_study import StudyInfo, series_from_array, write_series
 from tests.compute.test_volume import GEOMETRIES, distinct_volume, write_geometry
+from tests.support.ct_study import StudyInfo, series_from_array, write_series
 
 # Made fresh for every instance: they cannot match between two builds.
 FRESH = {

@@ -89,7 +89,7 @@ def test_a_stat_flag_raises_the_priority(tmp_path):
 
 
 def test_a_time_limit_wrapped_by_a_monai_transform_is_still_a_time_limit():
-    from dicom_node.compute.volume import GeometryError
+    from dicom_node.compute.frames import GeometryError
     from dicom_node.compute.worker import JobTimeout, classify_failure
 
     try:
