@@ -64,10 +64,11 @@ def test_lossy_jpeg_decodes_as_dcmtk_decodes_it(tmp_path, original, syntax):
     reference = convert(compressed, ["dcmdjpeg"], tmp_path / "dcmtk-decoded")
     ours, theirs = volume_of(compressed), volume_of(reference)
     assert not np.array_equal(ours, volume_of(original)), "the lossy copy should differ from the original"
-    # Two IJG-lineage decoders may round an inverse DCT differently by one stored unit, never
-    # more (8-bit baseline rescales 12-bit CT, so one unit is RescaleSlope HU).
+    # Two IJG-lineage decoders may round an inverse DCT differently, by a stored unit or two
+    # (measured: at most one for 8-bit baseline, which rescales 12-bit CT so that one unit is
+    # RescaleSlope HU; two at a few pixels of a 12-bit extended image).
     unit = float(pydicom.dcmread(compressed[0]).get("RescaleSlope", 1))
-    assert np.abs(ours - theirs).max() <= unit * 1.0001
+    assert np.abs(ours - theirs).max() <= 2 * unit * 1.0001
     assert np.mean(ours != theirs) < 0.15  # measured: 3 % (8-bit baseline) and 7 % (12-bit extended)
 
 

@@ -19,7 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "models" / "ct_body_demo"
 sys.path.insert(0, str(DEMO_BUNDLE))
-from scripts.phantoms import Phantom, make_phantom
+from scripts.phantoms import Family, Phantom, make_phantom
 
 __all__ = ["DEMO_BUNDLE", "Phantom", "StudyInfo", "ct_series", "make_phantom", "write_series"]
 
@@ -165,7 +165,6 @@ def enhanced_ct(
     from pydicom.sequence import Sequence
     from pydicom.uid import EnhancedCTImageStorage
 
-    orientation, pixel_spacing, slice_mm = _geometry(affine_lps)
     stored = _stored_values(hu)
     ds = _base(study, EnhancedCTImageStorage)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -179,16 +178,7 @@ def enhanced_ct(
     _image_pixel_module(ds, hu.shape[1], hu.shape[0])
     ds.NumberOfFrames = len(frame_order)
 
-    measures, plane, transform = Dataset(), Dataset(), Dataset()
-    measures.PixelSpacing = pixel_spacing
-    measures.SliceThickness = f"{slice_mm:g}"
-    plane.ImageOrientationPatient = orientation
-    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "-1024", "1", "HU"
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([plane])
-    shared.PixelValueTransformationSequence = Sequence([transform])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.SharedFunctionalGroupsSequence = shared_functional_groups(affine_lps, "HU")
     per_frame = []
     for number, k in enumerate(frame_order, start=1):
         position, content, item = Dataset(), Dataset(), Dataset()
@@ -201,6 +191,24 @@ def enhanced_ct(
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     ds.PixelData = np.ascontiguousarray(np.stack([stored[:, :, k].T for k in frame_order])).tobytes()
     return ds
+
+
+def shared_functional_groups(affine_lps: np.ndarray, rescale_type: str):
+    """The functional groups every frame of an enhanced image on ``affine_lps`` shares: pixel
+    measures, plane orientation and the rescale of `_stored_values`."""
+    from pydicom.sequence import Sequence
+
+    orientation, pixel_spacing, slice_mm = _geometry(affine_lps)
+    measures, plane, transform = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = pixel_spacing
+    measures.SliceThickness = f"{slice_mm:g}"
+    plane.ImageOrientationPatient = orientation
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "-1024", "1", rescale_type
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    return Sequence([shared])
 
 
 def localizer(study: StudyInfo, series_number: int = 1) -> list[Dataset]:
@@ -224,5 +232,5 @@ def write_series(images: list[Dataset], folder: Path) -> list[Path]:
 def small_study(folder: Path, slices: int = 40, seed: int = 11, info: StudyInfo | None = None) -> tuple[StudyInfo, list[Path]]:
     """A one-series CT study small enough to process in seconds, for tests about the flow."""
     info = info or StudyInfo()
-    phantom = make_phantom((128, 128, slices), (2.8, 2.8, 4.0), seed=seed)
+    phantom = make_phantom((128, 128, slices), (2.8, 2.8, 4.0), seed=seed, family=Family("abdomen", "flat", "side"))
     return info, write_series(ct_series(phantom, info, 2, "Abdomen 4.0 mm"), folder)

@@ -16,7 +16,13 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import EnhancedCTImageStorage, EnhancedMRImageStorage, generate_uid
 
-from tests.support.ct_study import StudyInfo, _base, _geometry, _image_pixel_module, _stored_values
+from tests.support.ct_study import (
+    StudyInfo,
+    _base,
+    _image_pixel_module,
+    _stored_values,
+    shared_functional_groups,
+)
 
 # A private dimension, as some vendors index the kind of each frame.
 PRIVATE_DIMENSION = 0x20051011
@@ -52,7 +58,6 @@ def enhanced_stacks(
 ) -> Dataset:
     """One Enhanced MR or CT instance holding ``volumes[s]`` as stack s, frame by frame."""
     sop_class = EnhancedMRImageStorage if modality == "MR" else EnhancedCTImageStorage
-    orientation, pixel_spacing, slice_mm = _geometry(affine_lps)
     ds = _base(study, sop_class)
     ds.Modality = modality
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -81,16 +86,7 @@ def enhanced_stacks(
         index_items.append(item)
     ds.DimensionIndexSequence = Sequence(index_items)
 
-    measures, plane, transform = Dataset(), Dataset(), Dataset()
-    measures.PixelSpacing = pixel_spacing
-    measures.SliceThickness = f"{slice_mm:g}"
-    plane.ImageOrientationPatient = orientation
-    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "-1024", "1", "US"
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([plane])
-    shared.PixelValueTransformationSequence = Sequence([transform])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.SharedFunctionalGroupsSequence = shared_functional_groups(affine_lps, "US")
 
     per_frame, pixels = [], []
     echo_times = sorted({kind.echo_time for kind in kinds if kind.echo_time is not None})
