@@ -20,6 +20,7 @@ What cannot be one volume at all is refused, naming every problem found:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,7 @@ class Volume:
         slab = (np.concatenate([[steps[0]], steps]) + np.concatenate([steps, [steps[-1]]])) / 2.0
         return area * slab / 1000.0
 
-    def source_images(self):
+    def source_images(self) -> Iterator[np.ndarray]:
         """Each source image's modality values, ``(rows, columns)``, in the order of ``frames``."""
         if self.placement is None:
             for k in range(len(self.frames)):
