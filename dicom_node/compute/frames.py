@@ -75,11 +75,9 @@ class Frame:
         """The value of ``keyword`` for this frame, or None: in its own functional groups
         first, then the shared ones, then the instance itself (what a rule reads)."""
         if self.index is not None:
-            for groups in (self.header.PerFrameFunctionalGroupsSequence[self.index],
-                           _first(self.header, "SharedFunctionalGroupsSequence")):
-                for element in groups or ():
-                    if element.VR == "SQ" and element.value and keyword in element.value[0]:
-                        return element.value[0][keyword].value
+            value = _group_attribute(self.header, self.header.PerFrameFunctionalGroupsSequence[self.index], keyword)
+            if value is not None:
+                return value
         return self.header[keyword].value if keyword in self.header else None
 
 
@@ -112,12 +110,14 @@ def _named_values(*datasets: Dataset | None) -> list[tuple[str, str]]:
     return values
 
 
-def _frame_type(header: Dataset, per_frame: Dataset) -> str | None:
-    """The per-frame Frame Type, from whichever ``...FrameTypeSequence`` the IOD uses."""
+def _group_attribute(header: Dataset, per_frame: Dataset, keyword: str):
+    """``keyword`` in any functional group of a frame, its own first, then the shared ones;
+    None when no group holds it. Frame Type, for one, lives in whichever
+    ``...FrameTypeSequence`` the IOD uses."""
     for groups in (per_frame, _first(header, "SharedFunctionalGroupsSequence")):
         for element in groups or ():
-            if element.keyword.endswith("FrameTypeSequence") and element.value and "FrameType" in element.value[0]:
-                return _text(element.value[0].FrameType)
+            if element.VR == "SQ" and element.value and keyword in element.value[0]:
+                return element.value[0][keyword].value
     return None
 
 
@@ -141,9 +141,9 @@ def _dimension_values(header: Dataset, content: Dataset | None) -> list[tuple[st
 def _multi_frame_stack_values(header: Dataset, per_frame: Dataset) -> tuple[tuple[str, str], ...]:
     content = _first(per_frame, "FrameContentSequence")
     values = _named_values(content, header)
-    frame_type = _frame_type(header, per_frame)
+    frame_type = _group_attribute(header, per_frame, "FrameType")
     if frame_type is not None:
-        values.append(("frame type", frame_type))
+        values.append(("frame type", _text(frame_type)))
     echo = _functional_group(header, per_frame, "MREchoSequence")
     if echo is not None and echo.get("EffectiveEchoTime") is not None:
         values.append(("echo time", f"{float(echo.EffectiveEchoTime):g} ms"))
