@@ -89,12 +89,18 @@ def explain(config: Config, engine: Engine, study_uid: str) -> str:
     candidates = study_stacks(engine, study_uid)
     if not candidates:
         return f"no instances of study {printable(study_uid)} are stored"
-    lines = [f"study {printable(study_uid)}"]
+    return "\n".join([f"study {printable(study_uid)}", *explain_stacks(config, candidates)])
+
+
+def explain_stacks(config: Config, candidates: list[StackFacts]) -> list[str]:
+    """Per pipeline, each stack and why the pipeline takes it or not: `explain`'s lines, and the
+    dashboard's rule tester's, which reads uploaded files instead of a stored study."""
+    lines = []
     for pipeline in config.pipelines:
         selection = select_series(pipeline, candidates)
         lines.append(f"pipeline {pipeline.name} (take {pipeline.take}, prefer {pipeline.prefer})")
         lines.extend(f"  {printable(facts.label)}: {printable(selection.reasons[facts.key])}" for facts in candidates)
-    return "\n".join(lines)
+    return lines
 
 
 def job_priority(config: Config, pipeline_name: str, stack: StackFacts) -> int:

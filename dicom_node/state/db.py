@@ -49,6 +49,9 @@ studies = Table(
     Column("last_received_at", Float, nullable=False),
     Column("completed_at", Float),
     Column("reason", Text),  # why the study failed, in words
+    # The last final state (done, failed) webhooks were told of: a study is announced once per
+    # time it ends, however often the notifier looks at it.
+    Column("announced_state", String(16)),
 )
 
 series = Table(
@@ -123,6 +126,7 @@ deliveries = Table(
     Column("not_before", Float, nullable=False),
     Column("last_error", Text),
     Column("sent_at", Float),
+    Column("announced_at", Float),  # when webhooks were told this delivery is dead
     UniqueConstraint("result_id", "destination"),
     Index("ix_deliveries_state", "state", "not_before"),
 )
@@ -135,6 +139,55 @@ events = Table(
     Column("study_uid", String(64), index=True),
     Column("level", String(8), nullable=False),
     Column("message", Text, nullable=False),
+    # Who caused it: empty for the node itself, else the operator's user or token name, and the
+    # address the request came from. Events are the audit trail (`state.audit`).
+    Column("actor", String(128)),
+    Column("address", String(64)),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),  # viewer, operator, admin
+    Column("password_hash", Text, nullable=False),  # argon2id, never the password
+    Column("created_at", Float, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    # SHA-256 of the token: tokens are long random strings, so a slow hash adds nothing, and a
+    # look-up by digest stays one indexed query per request.
+    Column("token_sha256", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+)
+
+webhook_posts = Table(
+    "webhook_posts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("url", Text, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("study_uid", String(64), index=True),
+    Column("payload", Text, nullable=False),  # the JSON body, fixed when the event happened
+    Column("state", String(16), nullable=False),  # pending, sent, dead
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("not_before", Float, nullable=False, default=0.0),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("sent_at", Float),
+    Index("ix_webhook_posts_state", "state", "not_before"),
+)
+
+cursors = Table(
+    "cursors",
+    metadata,
+    Column("name", String(64), primary_key=True),  # e.g. the last event id the notifier has read
+    Column("position", Integer, nullable=False),
 )
 
 
@@ -228,8 +281,11 @@ def _add_missing_columns(engine: Engine) -> None:
             connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
 
 
-def log_event(connection, study_uid: str | None, level: str, message: str) -> None:
-    """Record what an operator needs to see in `dicom-node status`."""
+def log_event(connection, study_uid: str | None, level: str, message: str, actor: str | None = None,
+              address: str | None = None) -> None:
+    """Record what an operator needs to see in `dicom-node status` and the audit trail;
+    ``actor`` and ``address`` name the operator whose action it was."""
     connection.execute(
-        events.insert().values(at=now(), study_uid=study_uid, level=level, message=message)
+        events.insert().values(at=now(), study_uid=study_uid, level=level, message=message, actor=actor,
+                               address=address)
     )

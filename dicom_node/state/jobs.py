@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, and_, or_, select, update
 from sqlalchemy.engine import RowMapping
 
 from dicom_node.state import db
+from dicom_node.state.audit import Operator
 
 LEASE_SECONDS = 60.0
 RETRY_FIRST_SECONDS = 5.0
@@ -200,7 +201,7 @@ class Retried:
     dead_letters: int
 
 
-def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> Retried:
+def requeue_failed(engine: Engine, study_uids: list[str] | None = None, by: Operator | None = None) -> Retried:
     """`dicom-node retry`: failed jobs start again with fresh attempts, failed studies are
     completed again after a quiet period, dead-lettered deliveries are pending again, and
     pending deliveries go now."""
@@ -209,7 +210,8 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> Retri
         if study_uids:
             query = query.where(db.jobs.c.study_uid.in_(study_uids))
         failed = connection.execute(query).all()
-        _queue_again(connection, failed, "re-queued by an operator")
+        by = by or Operator.command_line()
+        queue_again(connection, failed, "re-queued by an operator", by)
         studies = select(db.studies.c.study_uid).where(db.studies.c.state == "failed")
         if study_uids:
             studies = studies.where(db.studies.c.study_uid.in_(study_uids))
@@ -217,7 +219,8 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> Retri
         for study_uid in failed_studies:
             connection.execute(update(db.studies).where(db.studies.c.study_uid == study_uid)
                                .values(state="receiving", reason=None, last_received_at=db.now()))
-            db.log_event(connection, study_uid, "info", "re-opened by an operator: completed again after the quiet period")
+            db.log_event(connection, study_uid, "info", "re-opened by an operator: completed again after the quiet period",
+                         by.name, by.address)
         dead = update(db.deliveries).where(db.deliveries.c.state == "dead").values(
             state="pending", attempts=0, not_before=0.0)
         due = update(db.deliveries).where(db.deliveries.c.state == "pending").values(not_before=0.0)
@@ -231,10 +234,14 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None) -> Retri
             due = due.where(db.deliveries.c.result_id.in_(results_of_studies))
         dead_letters = connection.execute(dead).rowcount
         connection.execute(due)
+        summary = (f"retry asked by an operator: {len(failed)} failed job(s) re-queued, {len(failed_studies)} failed "
+                   f"study(ies) re-opened, {dead_letters} dead delivery(ies) pending again")
+        for study_uid in study_uids or [None]:  # the action itself, even where it found nothing to do
+            db.log_event(connection, study_uid, "info", summary, by.name, by.address)
     return Retried(len(failed), len(failed_studies), dead_letters)
 
 
-def rerun(engine: Engine, study_uids: list[str]) -> int:
+def rerun(engine: Engine, study_uids: list[str], by: Operator | None = None) -> int:
     """`dicom-node rerun`: the finished jobs of these studies run again (after a model update, say).
 
     Their new SEG and SR get new UIDs and are recorded as superseding the earlier ones.
@@ -242,21 +249,27 @@ def rerun(engine: Engine, study_uids: list[str]) -> int:
     with engine.begin() as connection:
         finished = connection.execute(
             select(db.jobs.c.id, db.jobs.c.study_uid)
-            .where(db.jobs.c.state.in_(("done", "failed")), db.jobs.c.study_uid.in_(study_uids))
+            .where(db.jobs.c.state.in_(("done", "failed", "cancelled")), db.jobs.c.study_uid.in_(study_uids))
         ).all()
-        _queue_again(connection, finished, "re-run by an operator")
+        by = by or Operator.command_line()
+        queue_again(connection, finished, "re-run by an operator", by)
+        if not finished:
+            for study_uid in study_uids:
+                db.log_event(connection, study_uid, "info", "rerun asked by an operator: no finished job to run again",
+                             by.name, by.address)
     return len(finished)
 
 
-def _queue_again(connection: Connection, rows, why: str) -> None:
-    """Jobs (id, study) back to the queue with fresh attempts, each with an event saying why."""
+def queue_again(connection: Connection, rows, why: str, by: Operator) -> None:
+    """Jobs (id, study) back to the queue with fresh attempts, each with an event saying why
+    and who asked."""
     for job_id, study_uid in rows:
         connection.execute(
             update(db.jobs)
             .where(db.jobs.c.id == job_id)
             .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
         )
-        db.log_event(connection, study_uid, "info", f"job {job_id} {why}")
+        db.log_event(connection, study_uid, "info", f"job {job_id} {why}", by.name, by.address)
 
 
 def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None,
