@@ -26,6 +26,7 @@ import pydicom
 import torch
 from sqlalchemy import Engine, select
 
+from dicom_node import metrics
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
 from dicom_node.compute.frames import GeometryError, read_frames, split_stacks
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
@@ -223,6 +224,8 @@ class Worker:
                 else:
                     jobs.retry_or_fail(connection, job["id"], job["study_uid"], job["attempts"],
                                        self.config.node.max_attempts, reason, claim)
+            ended = permanent or job["attempts"] >= self.config.node.max_attempts
+            metrics.count_job_end(job["pipeline"], "failed" if ended else "retried")
         except jobs.LeaseLost as lost:
             log.warning("the failure of job %s is not recorded: %s", job["id"], lost)
 
@@ -335,6 +338,8 @@ class Worker:
                 written.append((kind, dataset, path))
             timings["write"] = time.perf_counter() - writing
             self._record(job, claim, pipeline, written, encoded.segments, encoded.unknown, encoded.previous, timings)
+            metrics.observe_job(pipeline.name, timings)
+            metrics.count_job_end(pipeline.name, "done")
         except BaseException as error:
             for _, _, path in written:
                 path.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from pynetdicom.presentation import PresentationContext
 
+from dicom_node import metrics
 from dicom_node.ingest import protocol
 from dicom_node.ingest.negotiation import (
     LOCAL_LIMIT_EXCEEDED,
@@ -180,6 +181,7 @@ class Acceptor:
                 continue
             if not self._peer_allowed(address[0]):
                 log.warning("refused a connection from %s: address not in allowed_peers", address[0])
+                metrics.count_association(accepted=False)
                 connection.close()
                 continue
             association = _Association(connection, address[0], address[1])
@@ -191,6 +193,7 @@ class Acceptor:
                 log.warning("closed a connection from %s at once: already %d connections (max_associations = %d "
                             "and %d more negotiating)", association.peer, self.policy.max_connections,
                             self.policy.max_associations, NEGOTIATING_CONNECTIONS)
+                metrics.count_association(accepted=False)
                 connection.close()
                 continue
             connection.setblocking(True)
@@ -265,8 +268,10 @@ class Acceptor:
             (result, source, reason), why = rejection
             log.warning("rejected an association from %s: %s", association.peer, why)
             association.send(protocol.reject_pdu(result, source, reason))
+            metrics.count_association(accepted=False)
             return None
         association.send(answer.accept_pdu)
+        metrics.count_association(accepted=True)
         return answer.negotiated
 
     def _admit(self, association: _Association) -> tuple[tuple[int, int, int], str] | None:

@@ -34,6 +34,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
 
+from dicom_node import metrics
 from dicom_node.config import Config
 from dicom_node.ingest.acceptor import Acceptor, StoreRequest
 from dicom_node.ingest.driver_connection import DriverConnection
@@ -141,16 +142,23 @@ class Receiver:
         return incoming.finish()
 
     def _finish(self, incoming: IncomingInstance) -> int:
+        """Store a data set whose last byte has arrived; the C-STORE status, counted (`metrics`)."""
+        status, refusal = self._outcome(incoming)
+        metrics.count_store(incoming.request.calling_ae_title, refusal, incoming.size)
+        return status
+
+    def _outcome(self, incoming: IncomingInstance) -> tuple[int, str | None]:
+        """The status, and for a refusal its reason as the metrics name it."""
         request = incoming.request
         peer = f"{request.calling_ae_title}@{request.address}"  # escaped by the log formatter (`logs`)
         named = request.sop_instance_uid or "an instance without Affected SOP Instance UID"
         if incoming.too_large:
             log.warning("refused %s from %s: its data set is %d bytes, more than max_instance_mb = %g",
                         named, peer, incoming.size, self.config.node.max_instance_mb)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "too_large"
         if incoming.failure is not None:
             log.error("could not store %s from %s: %s", named, peer, incoming.failure)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "storage_error"
         implicit_vr, little_endian, deflated = _encoding(request.transfer_syntax)
         try:
             with incoming.data_set() as data, (self._inflating if deflated else contextlib.nullcontext()):
@@ -163,15 +171,15 @@ class Receiver:
         except TooLarge as error:
             log.warning("refused %s from %s: %s (the node inflates at most %d bytes)", named, peer, error,
                         MAX_INFLATED_BYTES)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "too_large"
         except Exception as error:  # noqa: BLE001 - any parse failure is the peer's malformed data
             log.warning("refused %s from %s: the data set is not well formed (%s)", named, peer, error)
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, "malformed"
         refusal = self._refusal(request, header)
         if refusal is not None:
             status, why = refusal
             log.warning("refused %s from %s: %s", named, peer, why)
-            return status
+            return status, "uid_mismatch" if header is not None else "malformed"
         free_mb = _free_mb(self.config.node.data_dir)
         if free_mb < self.config.node.min_free_disk_mb:
             log.error(
@@ -182,18 +190,18 @@ class Receiver:
                 self.config.node.data_dir,
                 self.config.node.min_free_disk_mb,
             )
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "disk_full"
         try:
             recorded = incoming.keep(header)
         except OSError as error:
             log.error("could not store %s from %s: %s", named, peer, error)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "storage_error"
         except Exception:
             log.exception("could not store %s from %s", named, peer)
-            return PROCESSING_FAILURE
+            return PROCESSING_FAILURE, "storage_error"
         if recorded.replaced is not None:
             self._replaced(header, recorded.replaced, peer)
-        return SUCCESS
+        return SUCCESS, None
 
     @staticmethod
     def _refusal(request: StoreRequest, header: InstanceHeader | None) -> tuple[int, str] | None:
