@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools dcm2niix chromium fonts-liberation
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools dcm2niix chromium fonts-liberation prometheus
 CONFIG ?= deploy/example.toml
 
 .PHONY: install system-packages run test

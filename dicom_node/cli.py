@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 from dicom_node import __version__
 from dicom_node.logs import setup_logging
 from dicom_node.printable import printable
+
+ROLES = ("viewer", "operator", "admin")  # as `state.accounts` orders them; that module loads argon2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +36,50 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("studies", nargs="+", metavar="STUDY_UID", help="Study Instance UIDs")
         if name == "explain":
             command.add_argument("study", metavar="STUDY_UID", help="a stored study's Study Instance UID")
+    user = commands.add_parser("user", help="add or remove a user of the dashboard and API",
+                               description="Add a user (or change an existing one's role and password), or remove one. "
+                               "The password is asked for, or read as one line from standard input.")
+    user.add_argument("action", choices=("add", "remove"))
+    user.add_argument("name")
+    user.add_argument("--role", choices=ROLES, default="viewer")
+    user.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
+    token = commands.add_parser("token", help="create an API token (printed once)",
+                                description="Create an API token for scripts: send it as 'Authorization: Bearer TOKEN'.")
+    token.add_argument("action", choices=("create",))
+    token.add_argument("name", help="what the token is for, as the audit trail names it")
+    token.add_argument("--role", choices=ROLES, default="viewer")
+    token.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
     return parser
+
+
+def _password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise ValueError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+def _accounts(args, engine) -> int:
+    from dicom_node.state import accounts
+
+    try:
+        if args.command == "token":
+            print(accounts.create_token(engine, args.name, args.role))
+            print(f"API token for {args.name} ({args.role}): shown this once, keep it safe", file=sys.stderr)
+        elif args.action == "add":
+            created = accounts.add_user(engine, args.name, args.role, _password())
+            print(f"user {args.name} {'added' if created else 'changed'} with the role {args.role}")
+        elif not accounts.remove_user(engine, args.name):
+            print(f"dicom-node: no user {args.name}", file=sys.stderr)
+            return 1
+        else:
+            print(f"user {args.name} removed")
+    except ValueError as error:
+        print(f"dicom-node: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dicom-node: invalid configuration {args.config}: {error}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        from dicom_node.metrics_folder import use_folder
+
+        use_folder(config.node.data_dir)  # before anything imports prometheus_client (`metrics_folder`)
         from dicom_node.service import serve
 
         return serve(args.config)
@@ -56,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.config)
     from dicom_node.state import db
 
+    if args.command in ("user", "token"):  # before the first start too: the database is made if need be
+        return _accounts(args, db.connect(config.database_url))
     database = config.database_path
     if not database.exists():
         print(f"dicom-node: no node database at {database}: is data_dir in {args.config} the node's? "

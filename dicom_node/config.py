@@ -170,11 +170,52 @@ class PriorityRule(Strict):
     match: SelectBlock = Field(description="Conditions, as in a select block.")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpSettings(Strict):
+    """The operator's HTTP surface: dashboard, REST API, metrics, health (docs/operations.md)."""
+
+    enabled: bool = Field(True, description="Serve the dashboard, API, metrics and health endpoints.")
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP port.")
+    require_login: bool | None = Field(
+        None,
+        description="Ask for a user or an API token. Default: only when host is not a loopback address; "
+        "listening elsewhere cannot be made open.",
+    )
+
+    @property
+    def login_required(self) -> bool:
+        if self.host not in LOOPBACK_HOSTS:
+            return True
+        return bool(self.require_login)
+
+
+WebhookEvent = Literal["study.done", "study.failed", "delivery.dead"]
+
+
+class Webhook(Strict):
+    """A URL the node posts JSON to when a study ends or a delivery gives up (docs/operations.md)."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://")] = Field(description="http:// or https:// URL.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["study.done", "study.failed", "delivery.dead"], description="Events posted."
+    )
+    secret: str | None = Field(
+        None, description="Key of the HMAC-SHA256 signature sent in X-Dicom-Node-Signature; unsigned without it."
+    )
+    timeout_seconds: float = Field(10.0, gt=0, le=120, description="Time one POST may take.")
+    max_attempts: int = Field(10, ge=1, le=100, description="Tries (with backoff) before the event is dropped.")
+
+
 class Config(Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     destinations: list[Destination] = Field(default_factory=list)
     pipelines: list[Pipeline] = Field(default_factory=list)
     priorities: list[PriorityRule] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:

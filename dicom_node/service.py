@@ -1,7 +1,8 @@
-"""`dicom-node serve`: the listener, the completion timer, the dispatcher and the workers.
+"""`dicom-node serve`: the listener, the completion timer, the dispatcher, the HTTP server, the
+webhooks and the workers.
 
-One supervised process tree. The main process binds the DICOM port, checks for quiet studies
-and dispatches results; receiver processes share the port and store what arrives (several, so
+One supervised process tree. The main process binds the DICOM and HTTP ports, checks for quiet
+studies, dispatches results, serves the dashboard, API and metrics, and posts webhooks; receiver processes share the port and store what arrives (several, so
 that associations are received on several cores, and none of them ever waits on a model);
 inference runs in worker processes. The main process restarts receivers and workers that die.
 SIGTERM or SIGINT stops accepting associations, lets the stores in flight finish, and leaves
@@ -29,6 +30,8 @@ from sqlalchemy import update
 from dicom_node.config import Config, load_config
 from dicom_node.dispatch import deliver_due
 from dicom_node.doorbell import Bell, Ringer, doorbell
+from dicom_node.http import server as http_server
+from dicom_node.http import webhooks
 from dicom_node.ingest.receiver import SHUTDOWN_GRACE_SECONDS, Receiver, listening_socket
 from dicom_node.ingest.recovery import (
     current_boot,
@@ -244,6 +247,26 @@ class Supervisor:
         for loop in self.loops:
             loop.start()
 
+    def listener_serving(self) -> bool:
+        """The DICOM port is open and at least one receiver serves it."""
+        return self.listening.fileno() != -1 and self.receivers_alive() > 0
+
+    def receivers_alive(self) -> int:
+        return sum(process.is_alive() for process in self.receivers)
+
+    def workers_alive(self) -> int:
+        return sum(process.is_alive() for process in self.workers)
+
+    def start_webhook_loops(self, stop: threading.Event) -> None:
+        """Announcing and posting in two loops: a slow receiver delays its own posts only."""
+        if not self.config.webhooks:
+            return
+        for name, step in (("webhook announcements", webhooks.announce), ("webhook posts", webhooks.post_due)):
+            loop = threading.Thread(target=_periodic, args=(name, partial(step, self.config, self.engine), stop),
+                                    daemon=True)
+            loop.start()
+            self.loops.append(loop)
+
     def restart_the_dead(self) -> None:
         for index, process in enumerate(self.receivers):
             if not process.is_alive():
@@ -290,6 +313,15 @@ def serve(config_path: Path) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
         return 1
+    http_listening = None
+    if config.http.enabled:
+        try:
+            http_listening = http_server.bind(config)
+        except OSError as error:
+            log.error("cannot serve HTTP on %s:%d: %s ([http] in the configuration)", config.http.host,
+                      config.http.port, error)
+            listening.close()
+            return 1
     engine = db.connect(config.database_url)
     # Before any receiver runs: instances whose rename or index rows a crash took are put back.
     recover_incoming(config, engine)
@@ -305,8 +337,16 @@ def serve(config_path: Path) -> int:
     supervisor.start_loops(stop)
     supervisor.workers = [supervisor.start_worker(index) for index in range(config.node.workers)]
     log.info("dicom-node serving with %d worker(s)", len(supervisor.workers))
+    supervisor.start_webhook_loops(stop)
+    web = None
+    if http_listening is not None:
+        web = http_server.HttpServer(config, db.connect(config.database_url), supervisor, http_listening)
+        if not web.start():
+            stop.set()
     while not stop.wait(1.0):
         supervisor.restart_the_dead()
+    if web is not None:
+        web.stop()
     supervisor.stop()
     log.info("stopped")
     return 0
