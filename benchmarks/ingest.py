@@ -6,7 +6,9 @@ Payloads: a 300-slice 512x512 CT and 2,000 small (64x64) images, sent with DCMTK
 (TCP_NODELAY=1) over one association and over four concurrent ones, to each receiver started
 fresh. The node runs with its default, durable settings: every file and its folder are flushed
 before the Success, and the index rows a power cut could take are rebuilt from the files at the
-next start. Prints instances per second, MB per second, the receiver's CPU time per instance
+next start, with its HTTP surface on and an operator's dashboard and a Prometheus scrape polling it
+every second ("dicom-node"), and again with HTTP off ("dicom-node-no-http"): the ratio between the
+two is the cost of being watched. Prints instances per second, MB per second, the receiver's CPU time per instance
 (all its processes), the peak resident memory of the processes that receive, and the node's
 ratio to each peer.
 
@@ -30,9 +32,13 @@ import argparse
 import statistics
 import subprocess
 import tempfile
+import threading
+import urllib.request
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Self
 
 from common import (
     PeakMemory,
@@ -48,6 +54,8 @@ from common import (
     write_ct,
     write_node_config,
 )
+
+POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -90,19 +98,53 @@ def run_orthanc(workdir: Path, paths, associations: int) -> Received:
         orthanc.stop()
 
 
-def run_node(workdir: Path, paths, associations: int) -> Received:
+class DashboardWatcher:
+    """An operator with the dashboard open: the overview page (which the browser reloads by
+    itself) and a Prometheus scrape, every second, while the study arrives."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.stop = threading.Event()
+        self.pages = 0
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(POLL_SECONDS):
+            for path in ("/", "/metrics"):
+                with urllib.request.urlopen(self.base_url + path, timeout=30) as page:
+                    page.read()
+            self.pages += 1
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def run_node(workdir: Path, paths, associations: int, http: bool = True) -> Received:
+    """The node as `make run` starts it: HTTP on, and an operator watching the dashboard (or,
+    with ``http=False``, the HTTP surface turned off, for the ratio between the two)."""
     port = free_port()
-    config = write_node_config(workdir / "node", port, destinations=[], pipelines=[], stable_after=600)
+    config = write_node_config(workdir / "node", port, destinations=[], pipelines=[], stable_after=600,
+                               http={"enabled": http})
     node = start_node(config, port)
     try:
         # Measure the receiver, not the worker importing PyTorch beside it at start-up.
         workers = wait_for(node.ready_workers, 120, "the node's worker")
-        return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
+        if not http:
+            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
+        node.wait_for_http()
+        with DashboardWatcher(node.http_url):
+            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
     finally:
         node.stop()
 
 
-RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "dicom-node": run_node}
+RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "dicom-node": run_node,
+             "dicom-node-no-http": partial(run_node, http=False)}
 
 
 def spread(values, style: str = "{:.0f}") -> str:
@@ -153,12 +195,13 @@ def main() -> int:
                         beside.append(f"{payload}, {associations} association(s): "
                                       f"{statistics.median(run[name].beside_mb for run in runs):.0f} MB")
                 if "dicom-node" in names:
-                    for peer in ("orthanc", "storescp"):
+                    for peer in ("orthanc", "storescp", "dicom-node-no-http"):
                         if peer in names:
                             paired = [run[peer].seconds / run["dicom-node"].seconds for run in runs]
                             cpu_paired = [run["dicom-node"].cpu_seconds / run[peer].cpu_seconds
                                           for run in runs]
-                            ratios.append([payload, associations, f"node / {peer}",
+                            ratios.append([payload, associations, f"node / {peer}" if peer != "dicom-node-no-http"
+                                           else "node, dashboard polled / HTTP off",
                                            f"{statistics.median(paired):.2f}", spread(paired, "{:.2f}"),
                                            f"{statistics.median(cpu_paired):.2f}"])
     print(f"median of {args.repeat} run(s); CPU: all the receiver's processes, while receiving; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from dicom_node.config import load_config
+from dicom_node.config import Config, load_config
 
 MINIMAL = """
 [node]
@@ -69,3 +69,22 @@ def test_association_shares_add_up_to_max_associations(total, receivers, shares)
     from dicom_node.service import association_shares
 
     assert association_shares(total, receivers) == shares
+
+
+@pytest.mark.parametrize("http, login_required", [
+    ({}, False),
+    ({"host": "0.0.0.0"}, True),
+    ({"host": "0.0.0.0", "require_login": False}, True),  # listening beyond the machine cannot be made open
+    ({"require_login": True}, True),
+])
+def test_the_http_surface_asks_for_credentials_beyond_loopback(http, login_required):
+    assert Config.model_validate({"http": http}).http.login_required is login_required
+
+
+def test_a_webhook_needs_an_http_url_and_known_events():
+    with pytest.raises(ValidationError, match="url"):
+        Config.model_validate({"webhooks": [{"url": "file:///etc/passwd"}]})
+    with pytest.raises(ValidationError, match="events"):
+        Config.model_validate({"webhooks": [{"url": "https://x.example/", "events": ["study.started"]}]})
+    hook = Config.model_validate({"webhooks": [{"url": "https://x.example/"}]}).webhooks[0]
+    assert hook.events == ["study.done", "study.failed", "delivery.dead"]

@@ -17,6 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
@@ -366,6 +367,24 @@ def test_a_data_set_must_match_its_context_and_its_command(node):
     assert send(node, dataset, generate_uid()) == 0xA900  # the command names another instance
     assert not indexed(node, uid)
     assert "is not the command's" in node.log() and "is not the presentation context's" in node.log()
+
+
+def refusals(node) -> dict[str, float]:
+    """dicom_node_instances_refused_total by reason, as a Prometheus scrape reads it."""
+    metrics = httpx.get(f"{node.http_url}/metrics", timeout=30).text
+    return {reason: float(value) for reason, value in
+            re.findall(r'^dicom_node_instances_refused_total\{reason="(\w+)"\} (\S+)$', metrics, re.MULTILINE)}
+
+
+def test_refusals_are_counted_by_reason_across_the_receivers(node):
+    node.wait_for_http()
+    before = refusals(node)
+    dataset, uid = ct_instance()
+    assert send(node, dataset[:-100], uid) == 0xC000
+    assert send(node, dataset, generate_uid()) == 0xA900
+    after = refusals(node)
+    assert after["malformed"] == before.get("malformed", 0) + 1
+    assert after["uid_mismatch"] == before.get("uid_mismatch", 0) + 1
 
 
 # 9. The same SOP Instance UID again

@@ -213,6 +213,16 @@ class Node:
         return [int(pid) for pid in re.findall(r"worker \S+:(\d+) ready", self.log())]
 
     @property
+    def http_url(self) -> str:
+        """Where the node's dashboard, API and metrics answer (its [http] port, on loopback)."""
+        from dicom_node.config import load_config
+
+        return f"http://127.0.0.1:{load_config(self.config_path).http.port}"
+
+    def wait_for_http(self, timeout: float = 60) -> None:
+        wait_for(lambda: "dashboard, API and metrics on" in self.log(), timeout, "the node's HTTP server")
+
+    @property
     def data_dir(self) -> Path:
         from dicom_node.config import load_config
 
@@ -256,8 +266,11 @@ class Node:
                 self.process.wait()
 
 
-def write_node_config(workdir: Path, port: int, destinations: list[dict], pipelines: list[dict], **node) -> Path:
-    """A TOML configuration, written by hand so the test exercises the operator's format."""
+def write_node_config(workdir: Path, port: int, destinations: list[dict], pipelines: list[dict],
+                      http: dict | None = None, webhooks: list[dict] = (), **node) -> Path:
+    """A TOML configuration, written by hand so the test exercises the operator's format. The
+    HTTP server gets a free port unless ``http`` says otherwise, so that nodes of several tests
+    (or two nodes of one) never contend for the default 8080."""
 
     def value(v) -> str:
         if isinstance(v, str):
@@ -270,6 +283,9 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
 
     lines = ["[node]", f"port = {port}", f"data_dir = {value(str(workdir / 'data'))}"]
     lines += [f"{k} = {value(v)}" for k, v in node.items()]
+    lines += ["", "[http]"] + [f"{k} = {value(v)}" for k, v in {"port": free_port(), **(http or {})}.items()]
+    for webhook in webhooks:
+        lines += ["", "[[webhooks]]"] + [f"{k} = {value(v)}" for k, v in webhook.items()]
     for destination in destinations:
         lines += ["", "[[destinations]]"] + [f"{k} = {value(v)}" for k, v in destination.items()]
     for pipeline in pipelines:
