@@ -40,7 +40,7 @@ from dicom_node.ingest.recovery import (
     remove_unrecorded_results,
 )
 from dicom_node.logs import setup_logging
-from dicom_node.state import db, jobs
+from dicom_node.state import db, jobs, pipeline_checks
 from dicom_node.state.completion import ReadAhead, complete_quiet_studies
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,14 @@ def _periodic(name: str, action: Callable[[], float | None], stop: threading.Eve
         pause(seconds)
 
 
+def _again_if_busy(step: Callable[[], int]) -> Callable[[], float | None]:
+    """For `_periodic`, a step that returns how much it did (deliveries sent, posts queued): look
+    again at once after work, since more may be due, and at the next tick after none. Handing
+    the count itself to `_periodic` would read "nothing done" as "due again in 0 s": an idle
+    dispatch loop spun on a whole core."""
+    return lambda: 0.0 if step() else None
+
+
 def resume_after_restart(config: Config, engine) -> None:
     """Pick up where a stopped or killed node left off.
 
@@ -139,6 +147,7 @@ def resume_after_restart(config: Config, engine) -> None:
     whose transfer was cut by the stop is given time to resend before the study counts as
     complete, so a half-received study is not processed.
     """
+    pipeline_checks.forget(engine)  # the workers about to start check every bundle again
     interrupted = jobs.release_dead_local_workers(engine, socket.gethostname(), _process_alive)
     remove_unrecorded_results(config, engine, interrupted)
     with engine.begin() as connection:
@@ -239,7 +248,8 @@ class Supervisor:
         self.loops = [threading.Thread(target=_periodic, args=("completion", self.complete, stop), daemon=True)] + [
             threading.Thread(
                 target=_periodic,
-                args=(f"dispatch to {d.name}", partial(deliver_due, self.config, self.engine, d), stop, bell.wait),
+                args=(f"dispatch to {d.name}", _again_if_busy(partial(deliver_due, self.config, self.engine, d)), stop,
+                      bell.wait),
                 daemon=True,
             )
             for d, (bell, _) in zip(self.config.destinations, self.dispatch_bells)
@@ -262,8 +272,8 @@ class Supervisor:
         if not self.config.webhooks:
             return
         for name, step in (("webhook announcements", webhooks.announce), ("webhook posts", webhooks.post_due)):
-            loop = threading.Thread(target=_periodic, args=(name, partial(step, self.config, self.engine), stop),
-                                    daemon=True)
+            loop = threading.Thread(target=_periodic, args=(name, _again_if_busy(partial(step, self.config, self.engine)),
+                                                            stop), daemon=True)
             loop.start()
             self.loops.append(loop)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
-from dicom_node.service import Supervisor
+from dicom_node.service import TICK_SECONDS, Supervisor, _again_if_busy, _periodic
 from dicom_node.state import db
 from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 from tests.support.received import stored_by_receiver
@@ -27,3 +28,23 @@ def test_a_completion_round_queues_the_jobs_and_rings_every_worker(tmp_path):
         assert supervisor.complete() is None
         for bell, _ in supervisor.worker_bells:
             assert not bell.wait(0), "no ring without a job"
+
+
+def test_an_idle_loop_waits_for_its_tick_and_a_busy_one_looks_again_at_once():
+    """A step that did nothing (0 deliveries, 0 posts) must not be read as "due again in 0 s":
+    an idle dispatch loop once spun on a whole core that way."""
+    calls = []
+
+    def step(results: list[int]):
+        def run() -> int:
+            calls.append(None)
+            return results.pop(0) if results else 0
+        return run
+
+    stop = threading.Event()
+    loop = threading.Thread(target=_periodic, args=("idle", _again_if_busy(step([3, 2])), stop))
+    loop.start()
+    time.sleep(0.5)
+    stop.set()
+    loop.join()
+    assert 3 <= len(calls) <= 10, f"{len(calls)} looks in 0.5 s with a {TICK_SECONDS} s tick"
