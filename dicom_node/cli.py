@@ -49,7 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("name", help="what the token is for, as the audit trail names it")
     token.add_argument("--role", choices=ROLES, default="viewer")
     token.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
+    bundle = commands.add_parser(
+        "bundle", help="check that a MONAI bundle runs here",
+        description="Load all the node uses of a bundle (network, weights, preprocessing, inferer, postprocessing), run "
+        "a small synthetic volume through it, and say what is wrong, or that it is ready with the labels and codes it "
+        "will write. Exits 0 when ready, 1 when not.")
+    bundle.add_argument("action", choices=("check",))
+    bundle.add_argument("directory", type=Path, help="the bundle's directory (Model Zoo layout)")
+    bundle.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     return parser
+
+
+def _bundle_check(args) -> int:
+    from dicom_node.compute.bundle_check import check_bundle  # PyTorch and MONAI load here only
+
+    report = check_bundle(args.directory.resolve(), args.device)
+    print(report.render())
+    return 0 if report.ready else 1
 
 
 def _password() -> str:
@@ -85,6 +101,8 @@ def _accounts(args, engine) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
+    if args.command == "bundle":
+        return _bundle_check(args)
     from dicom_node.config import load_config
 
     try:
@@ -139,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(explain(config, engine, args.study))
         return 0
+    from dicom_node.state.pipeline_checks import disabled
     from dicom_node.state.status import collect, render
 
-    print(render(collect(engine)))
+    with db.reading(engine) as connection:
+        print(render(collect(engine), disabled(connection)))
     return 0
 
 

@@ -7,6 +7,7 @@ what a real Orthanc (or DCMTK's storescp) received, what `dicom-node status` say
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -184,3 +185,38 @@ def test_status_and_explain_run_while_a_writer_holds_the_lock(tmp_path, node_por
     finally:
         node.stop()
 
+
+
+def test_a_pipeline_whose_bundle_fails_its_check_is_disabled_and_the_others_run(tmp_path, node_port):
+    """A bundle made for an older MONAI (its network takes an argument MONAI removed) beside the
+    demo: the node starts, says which pipeline it disabled and why, runs the other; fixed and
+    retried, the disabled pipeline's job runs too, without a restart."""
+    from tests.compute.test_bundle_check import configure, demo_copy
+
+    old = demo_copy(tmp_path / "old")
+    configure(old, lambda config: config.update(network_def={
+        "_target_": "SwinUNETR", "img_size": [96, 96, 96], "in_channels": 1, "out_channels": 3, "feature_size": 12}))
+    config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=[
+        {"name": "ct-demo", "model": str(DEMO_BUNDLE), "select": {"Modality": "CT"}},
+        {"name": "old-model", "model": str(old), "select": {"Modality": "CT"}},
+    ], stable_after=2, min_free_disk_mb=0)
+    node = start_node(config, node_port)
+    try:
+        wait_for(lambda: "pipeline old-model disabled" in node.log(), 120, "the check to disable old-model")
+        info, paths = small_study(tmp_path / "study", slices=12)
+        assert storescu("DICOMNODE", node_port, paths).returncode == 0
+        wait_for(lambda: sorted(node.finished_job_states()) == ["done", "failed"], 180, "both jobs finished", 0.5)
+        status = node.cli("status")
+        assert "pipeline old-model DISABLED: `SwinUNETR` no longer takes `img_size` (the bundle was made with MONAI " \
+               "1.3.0" in status
+        assert "old-model failed (attempts 0): pipeline old-model is disabled" in status
+        assert "ct-demo done" in status
+        assert "  DISABLED: `SwinUNETR` no longer takes `img_size`" in node.cli("explain", info.study_uid)
+
+        shutil.copy(DEMO_BUNDLE / "configs" / "inference.json", old / "configs" / "inference.json")  # the fix
+        node.cli("retry", info.study_uid)
+        wait_for(lambda: node.finished_job_states() == ["done", "done"], 180, "the retried job done", 0.5)
+        assert "pipeline old-model enabled: its bundle passes the check now" in node.log()
+        assert "DISABLED" not in node.cli("status")
+    finally:
+        node.stop()

@@ -154,7 +154,7 @@ class Bundle:
         layout and the resampling keeps it, so the conversion to integers is a straight copy; a
         bundle whose output arrives in another layout costs one tiled transposition here.
         """
-        series_uid = volume.frames[0].header.SeriesInstanceUID
+        series_uid = volume.frames[0].header.SeriesInstanceUID if volume.frames else "synthetic"
         started = time.perf_counter()
         with separable_resampling(volume.array.shape), ArgmaxThroughMax():
             item = self.preprocessing({self.image_key: as_loaded(volume.array, volume.affine_ras, series_uid)})

@@ -28,6 +28,7 @@ from sqlalchemy import Engine, select
 
 from dicom_node import metrics
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
+from dicom_node.compute.bundle_check import check_loaded, diagnose, made_with
 from dicom_node.compute.frames import GeometryError, read_frames, split_stacks
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.prefetch import VolumePrefetch
@@ -35,13 +36,13 @@ from dicom_node.compute.volume import Volume, load_volume
 from dicom_node.config import Config, Pipeline
 from dicom_node.doorbell import Bell, Ringer
 from dicom_node.results import file_bytes, load_standard_tables
-from dicom_node.results.codes import SegmentCodes, read_overrides
+from dicom_node.results.codes import bundle_overrides
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.outlines import build_outline_images
 from dicom_node.results.seg import Segment, build_seg, segments_of
 from dicom_node.results.seg_frames import scan_labels
 from dicom_node.results.sr import build_sr
-from dicom_node.state import db, files, jobs
+from dicom_node.state import db, files, jobs, pipeline_checks
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class ShutdownRequested(BaseException):
 
 # Failures that no retry can change: the series or the bundle is the problem, not the moment.
 PERMANENT_FAILURES = (JobFailure, GeometryError, BundleError, ValueError)
-BUNDLE_SEGMENTS_FILE = "dicom_segments.toml"  # a bundle's own segment overrides, in configs/
 
 
 def _free_memory() -> None:
@@ -118,6 +118,7 @@ class Worker:
         self.results_recorded = results_recorded
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
+        self.disabled: set[str] = set()  # pipelines whose bundle failed the check (`warm_up`)
         self.equipment = Equipment(config.node.ae_title)
         self.prefetch = VolumePrefetch(config, engine)
 
@@ -145,27 +146,45 @@ class Worker:
         return sum(bundle.weight_mb for bundle in self.bundles.values())
 
     def warm_up(self) -> None:
-        """Before the first job: the pipelines' bundles, in their order, as many as
-        model_memory_mb keeps, and the standard's tables the result encoders read. Without
-        this, the first study after a start waited 1.2 s longer for its results (demo bundle,
-        300-slice CT: 7.4 s from the last image to the PACS, against 5.2-5.8 s). A bundle that
-        fails to load here is loaded again by its job, which then fails with the reason."""
+        """Before the first job: the standard's tables the result encoders read, and each
+        pipeline's bundle, loaded and checked (`bundle_check`: a small synthetic volume through
+        all of it). A pipeline whose bundle fails is disabled with the reason, for the whole node
+        to see (`pipeline_checks`), and this worker takes none of its jobs; the others run. The
+        bundles stay loaded, as many as model_memory_mb keeps: without this, the first study
+        after a start waited 1.2 s longer for its results (demo bundle, 300-slice CT: 7.4 s from
+        the last image to the PACS, against 5.2-5.8 s)."""
         load_standard_tables()
         for pipeline in self.config.pipelines:
-            if self._loaded_mb() >= self.config.node.model_memory_mb:
-                break
-            try:
-                self.bundle(pipeline, None)
-            except Exception as error:  # noqa: BLE001 - reported by the pipeline's first job
-                log.warning("could not load the bundle of pipeline %s ahead of its jobs: %s", pipeline.name, error)
+            self.check(pipeline)
 
-    def segment_overrides(self, pipeline: Pipeline) -> dict[str, SegmentCodes]:
-        """The bundle's own label overrides, then the pipeline's on top."""
-        overrides: dict[str, SegmentCodes] = {}
-        for path in (pipeline.model / "configs" / BUNDLE_SEGMENTS_FILE, pipeline.segments):
-            if path is not None and path.exists():
-                overrides.update(read_overrides(path))
-        return overrides
+    def check(self, pipeline: Pipeline) -> None:
+        """Load and check the pipeline's bundle; enable or disable the pipeline accordingly."""
+        try:
+            problems = check_loaded(self.bundle(pipeline, None))
+        except Exception as error:  # noqa: BLE001 - every failure is the check's answer
+            problems = [diagnose(error, made_with(pipeline.model))]
+        reason = "; ".join(problems) or None
+        if reason is None:
+            if pipeline.name in self.disabled:
+                log.info("pipeline %s enabled: its bundle passes the check now", pipeline.name)
+            self.disabled.discard(pipeline.name)
+        else:
+            self.disabled.add(pipeline.name)
+            self.bundles.pop(pipeline.name, None)
+            log.error("pipeline %s disabled: its bundle %s failed the check: %s", pipeline.name, pipeline.model,
+                      reason)
+        failed = pipeline_checks.record(self.engine, pipeline.name, reason, self.name)
+        if failed:
+            log.error("%d queued job(s) of pipeline %s failed with that reason", failed, pipeline.name)
+
+    def recheck_disabled(self) -> None:
+        """A job queued for a disabled pipeline (an operator retried it, the bundle fixed or
+        not) has its bundle checked again: it runs if the bundle passes now, and fails again at
+        once with the reason if not."""
+        waiting = pipeline_checks.with_queued_jobs(self.engine, self.disabled)
+        for pipeline in self.config.pipelines:
+            if pipeline.name in waiting:
+                self.check(pipeline)
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was nothing to do."""
@@ -174,7 +193,7 @@ class Worker:
         job = None
         _SHUTDOWN.defer()
         try:
-            job = jobs.claim(self.engine, self.name, {p.name for p in self.config.pipelines},
+            job = jobs.claim(self.engine, self.name, {p.name for p in self.config.pipelines} - self.disabled,
                              self.config.node.max_attempts, self.config.node.lease_seconds)
         finally:
             if job is None:
@@ -297,7 +316,7 @@ class Worker:
         try:
             masks = volume.frame_masks(labels)
             scanned = scan_labels(masks, list(bundle.info.labels), volume.frame_voxel_ml())
-            segments = segments_of(scanned, bundle.info, self.segment_overrides(pipeline))
+            segments = segments_of(scanned, bundle.info, bundle_overrides(pipeline.model, pipeline.segments))
             description = f"{pipeline.name}: {bundle.info.name} {bundle.info.version}"
             series_number = self.config.series_number(pipeline)
             seg = None
@@ -408,6 +427,8 @@ class Worker:
             log.info("worker %s ready%s", self.name, f": {', '.join(devices)}" if devices else "")
             while not stop.is_set():
                 if not self.run_once():
+                    if self.disabled:
+                        self.recheck_disabled()
                     self._build_ahead()
                     (self.jobs_queued.wait if self.jobs_queued else stop.wait)(IDLE_POLL_SECONDS)
         except ShutdownRequested:

@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from dicom_node.config import Config
 from dicom_node.http.auth import CSRF_FIELD, CSRF_HEADER, check_csrf, operator_of, requiring
-from dicom_node.state import actions, audit, db, jobs, overview
+from dicom_node.state import actions, audit, db, jobs, overview, pipeline_checks
 from dicom_node.state.accounts import Account
 from dicom_node.state.completion import explain, explain_stacks
 from dicom_node.state.rules import series_stacks
@@ -205,10 +205,12 @@ async def rule_test(request: Request, _: Viewer) -> dict:
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
     if not uploads:
         raise HTTPException(422, "upload one or more DICOM files as the form field 'files'")
-    return tested_rules(_state(request).config, uploads)
+    return tested_rules(_state(request).config, _state(request).engine, uploads)
 
 
-def tested_rules(config: Config, uploads: list[UploadFile]) -> dict:
+def tested_rules(config: Config, engine, uploads: list[UploadFile]) -> dict:
+    with db.reading(engine) as connection:
+        disabled = pipeline_checks.disabled(connection)
     with tempfile.TemporaryDirectory(prefix="rule-test-") as folder:
         by_series: dict[str, list[Path]] = defaultdict(list)
         refused = []
@@ -225,5 +227,5 @@ def tested_rules(config: Config, uploads: list[UploadFile]) -> dict:
                 continue
             by_series[series_uid].append(path)
         stacks = [stack for uid, paths in sorted(by_series.items()) for stack in series_stacks(uid, sorted(paths))]
-        lines = explain_stacks(config, stacks) if stacks else []
+        lines = explain_stacks(config, stacks, disabled) if stacks else []
     return {"text": "\n".join(lines), "series": sorted(by_series), "refused": refused}

@@ -131,7 +131,7 @@ async def rules_test(request: Request) -> HTMLResponse:
     submitted = form.get(CSRF_FIELD)
     check_csrf(request, submitted if isinstance(submitted, str) else None)
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
-    answer = tested_rules(request.app.state.config, uploads) if uploads else None
+    answer = tested_rules(request.app.state.config, request.app.state.engine, uploads) if uploads else None
     return _page(request, "rules.html", account, "Rule tester", answer=answer)
 
 

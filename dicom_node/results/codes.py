@@ -152,3 +152,15 @@ def read_overrides(path: Path) -> dict[str, SegmentCodes]:
             known=True,
         )
     return overrides
+
+
+BUNDLE_SEGMENTS_FILE = "dicom_segments.toml"  # a bundle's own segment overrides, in configs/
+
+
+def bundle_overrides(bundle_dir: Path, pipeline_segments: Path | None = None) -> dict[str, SegmentCodes]:
+    """The bundle's own label overrides, then the pipeline's (`segments`) on top."""
+    overrides: dict[str, SegmentCodes] = {}
+    for path in (bundle_dir / "configs" / BUNDLE_SEGMENTS_FILE, pipeline_segments):
+        if path is not None and path.exists():
+            overrides.update(read_overrides(path))
+    return overrides

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select, update
 
 from dicom_node.config import Config
 from dicom_node.printable import printable
-from dicom_node.state import db, jobs
+from dicom_node.state import db, jobs, pipeline_checks
 from dicom_node.state.rules import StackFacts, select_series, series_stacks, why_block_fails
 
 log = logging.getLogger(__name__)
@@ -89,16 +89,21 @@ def explain(config: Config, engine: Engine, study_uid: str) -> str:
     candidates = study_stacks(engine, study_uid)
     if not candidates:
         return f"no instances of study {printable(study_uid)} are stored"
-    return "\n".join([f"study {printable(study_uid)}", *explain_stacks(config, candidates)])
+    with db.reading(engine) as connection:
+        disabled = pipeline_checks.disabled(connection)
+    return "\n".join([f"study {printable(study_uid)}", *explain_stacks(config, candidates, disabled)])
 
 
-def explain_stacks(config: Config, candidates: list[StackFacts]) -> list[str]:
+def explain_stacks(config: Config, candidates: list[StackFacts], disabled: dict[str, str]) -> list[str]:
     """Per pipeline, each stack and why the pipeline takes it or not: `explain`'s lines, and the
-    dashboard's rule tester's, which reads uploaded files instead of a stored study."""
+    dashboard's rule tester's, which reads uploaded files instead of a stored study. A disabled
+    pipeline (``disabled``: name -> why) is said to be so: what it would take fails at once."""
     lines = []
     for pipeline in config.pipelines:
         selection = select_series(pipeline, candidates)
         lines.append(f"pipeline {pipeline.name} (take {pipeline.take}, prefer {pipeline.prefer})")
+        if pipeline.name in disabled:
+            lines.append(f"  DISABLED: {printable(disabled[pipeline.name])}")
         lines.extend(f"  {printable(facts.label)}: {printable(selection.reasons[facts.key])}" for facts in candidates)
     return lines
 
@@ -161,7 +166,15 @@ def _complete(config: Config, engine: Engine, study_uid: str, last_received_at: 
         if not _mark(connection, study_uid, last_received_at, state="complete"):
             return 0
         queued = []
+        disabled = pipeline_checks.disabled(connection)
         for pipeline_name, selection in chosen.items():
+            if pipeline_name in disabled:  # its jobs, failed at once: shown, and retried once it is fixed
+                reason = pipeline_checks.disabled_reason(pipeline_name, disabled[pipeline_name])
+                for stack in selection.chosen:
+                    jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, state="failed",
+                                 reason=reason)
+                    queued.append(f"{pipeline_name} on {stack.label}, failed at once: {reason}")
+                continue
             for stack in selection.chosen:
                 priority = job_priority(config, pipeline_name, stack)
                 jobs.enqueue(connection, study_uid, stack.series_uid, stack.stack, pipeline_name, priority)

@@ -183,6 +183,18 @@ webhook_posts = Table(
     Index("ix_webhook_posts_state", "state", "not_before"),
 )
 
+pipeline_checks = Table(
+    "pipeline_checks",
+    metadata,
+    # The last `bundle check` a worker made of a pipeline's bundle at its start; emptied at each
+    # start of `serve`, so that a bundle fixed before a restart is not held disabled.
+    Column("pipeline", String(64), primary_key=True),
+    Column("ready", Integer, nullable=False),  # 1 ready, 0 disabled
+    Column("reason", Text),
+    Column("worker", String(128)),
+    Column("checked_at", Float, nullable=False),
+)
+
 cursors = Table(
     "cursors",
     metadata,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, func, select
 
 from dicom_node.config import Config
-from dicom_node.state import db
+from dicom_node.state import db, pipeline_checks
 from dicom_node.state.status import study_state
 
 STUDY_STATES = ("receiving", "queued", "running", "sending", "done", "failed")
@@ -241,6 +241,7 @@ def pipeline_activity(engine: Engine, config: Config, since: float, now: float) 
             .where(db.jobs.c.finished_at >= since, db.jobs.c.state.in_(("done", "failed")))
         ).all()
         waiting = job_counts(connection)
+        disabled = pipeline_checks.disabled(connection)
     first_hour = math.floor(since / HOUR) * HOUR  # whole hours, so that a bar's label is its hour
     hours = max(1, math.ceil((now - first_hour) / HOUR))
     activity = []
@@ -255,6 +256,7 @@ def pipeline_activity(engine: Engine, config: Config, since: float, now: float) 
                 bucket["latencies"].append(row.finished_at - row.created_at)
         activity.append({
             "pipeline": pipeline.name,
+            "disabled": disabled.get(pipeline.name),  # why its bundle failed the check, if it did
             "done": sum(row.state == "done" for row in finished),
             "failed": sum(row.state == "failed" for row in finished),
             "queued": waiting.get((pipeline.name, "queued"), 0),

@@ -111,11 +111,12 @@ def collect(engine: Engine) -> list[StudyView]:
     return views
 
 
-def render(views: list[StudyView]) -> str:
-    """The text `status` prints; values that came from the network are made `printable`."""
+def render(views: list[StudyView], disabled: dict[str, str] | None = None) -> str:
+    """The text `status` prints, disabled pipelines first (``disabled``: name -> why); values
+    that came from the network are made `printable`."""
+    lines = [f"pipeline {name} DISABLED: {printable(reason)}" for name, reason in sorted((disabled or {}).items())]
     if not views:
-        return "no studies received yet"
-    lines = []
+        return "\n".join([*lines, "no studies received yet"])
     for view in views:
         lines.append(
             f"{printable(view.study_uid)}  {view.state}  patient {printable(view.patient_id) or '-'}  "
