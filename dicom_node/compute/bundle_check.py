@@ -72,8 +72,8 @@ def made_with(bundle_dir: Path) -> dict[str, str]:
 
 def check_bundle(bundle_dir: Path, device: str = "auto") -> Report:
     report = Report(bundle_dir, str(choose_device(device)), made_with=made_with(bundle_dir))
-    if not (bundle_dir / "configs" / "metadata.json").exists():
-        report.problems.append(f"{bundle_dir} has no configs/metadata.json: is it a bundle directory?")
+    report.problems += layout_problems(bundle_dir)
+    if report.problems:
         return report
     started = time.perf_counter()
     try:
@@ -90,6 +90,21 @@ def check_bundle(bundle_dir: Path, device: str = "auto") -> Report:
         known = "" if codes.known else " (no known code: a generic one is written)"
         report.labels.append(f"{value} {name}: {code.scheme_designator} {code.value} {code.meaning}{known}")
     return report
+
+
+def layout_problems(bundle_dir: Path) -> list[str]:
+    """What the Model Zoo layout needs and the directory lacks, before anything is loaded."""
+    if not bundle_dir.is_dir():
+        return [f"{bundle_dir} is not a directory"]
+    problems = []
+    if not (bundle_dir / "configs" / "metadata.json").exists():
+        problems.append(f"{bundle_dir} has no configs/metadata.json: is it a bundle directory?")
+    if not any((bundle_dir / "configs" / name).exists() for name in ("inference.json", "inference.yaml",
+                                                                      "inference.yml")):
+        problems.append(f"{bundle_dir} has no configs/inference.json or .yaml")
+    if not any((bundle_dir / "models" / name).exists() for name in ("model.pt", "model.ts")):
+        problems.append(f"{bundle_dir} has neither models/model.pt nor models/model.ts")
+    return problems
 
 
 def check_loaded(bundle: Bundle) -> list[str]:

@@ -28,7 +28,7 @@ from sqlalchemy import Engine, select
 
 from dicom_node import metrics
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
-from dicom_node.compute.bundle_check import check_loaded, diagnose, made_with
+from dicom_node.compute.bundle_check import check_loaded, diagnose, layout_problems, made_with
 from dicom_node.compute.frames import GeometryError, read_frames, split_stacks
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.prefetch import VolumePrefetch
@@ -159,8 +159,9 @@ class Worker:
 
     def check(self, pipeline: Pipeline) -> None:
         """Load and check the pipeline's bundle; enable or disable the pipeline accordingly."""
+        problems = layout_problems(pipeline.model)
         try:
-            problems = check_loaded(self.bundle(pipeline, None))
+            problems = problems or check_loaded(self.bundle(pipeline, None))
         except Exception as error:  # noqa: BLE001 - every failure is the check's answer
             problems = [diagnose(error, made_with(pipeline.model))]
         reason = "; ".join(problems) or None

@@ -47,7 +47,7 @@ def test_a_job_over_its_time_limit_fails_with_that_reason(tmp_path, node_port):
                                stable_after=1, min_free_disk_mb=0)
     node = start_node(config, node_port)
     try:
-        info, paths = small_study(tmp_path / "study", slices=40)
+        _info, paths = small_study(tmp_path / "study", slices=40)
         assert storescu(node.ae_title, node.port, paths).returncode == 0
         states = wait_for(node.finished_job_states, 120, "the job to fail")
         assert set(states) == {"failed"}, states
@@ -57,7 +57,7 @@ def test_a_job_over_its_time_limit_fails_with_that_reason(tmp_path, node_port):
         node.stop()
 
 
-def test_a_worker_loads_its_bundles_before_the_first_study_and_passes_over_a_broken_one(tmp_path, node_port):
+def test_a_worker_loads_its_bundles_before_the_first_study_and_disables_a_broken_one(tmp_path, node_port):
     not_a_bundle = tmp_path / "not-a-bundle"
     not_a_bundle.mkdir()
     pipelines = [{"name": "broken", "model": str(not_a_bundle), "select": {"Modality": "CT"}}, demo_pipeline("body")]
@@ -68,7 +68,9 @@ def test_a_worker_loads_its_bundles_before_the_first_study_and_passes_over_a_bro
         wait_for(node.ready_workers, 120, "the worker")
         loads = node.query("SELECT study_uid, message FROM events WHERE message LIKE '%loaded bundle%'")
         assert [(study, message.endswith(" for body")) for study, message in loads] == [(None, True)]
-        assert "could not load the bundle of pipeline broken ahead of its jobs" in node.log()
+        assert f"pipeline broken disabled: its bundle {not_a_bundle} failed the check: {not_a_bundle} has no " \
+               "configs/metadata.json: is it a bundle directory?" in node.log()
+        assert node.query("SELECT pipeline, ready FROM pipeline_checks ORDER BY pipeline") == [("body", 1), ("broken", 0)]
     finally:
         node.stop()
 
