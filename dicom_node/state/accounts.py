@@ -7,8 +7,10 @@ an operator also retries, reruns, cancels and re-sends, an admin also reads the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
+import threading
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -19,7 +21,11 @@ from dicom_node.state import db
 
 ROLES = ("viewer", "operator", "admin")
 TOKEN_PREFIX = "dn_"
+# argon2id with argon2-cffi's defaults takes 64 MiB and about a tenth of a second per hash, on
+# purpose; so many at once, and no more, whatever number of logins arrive together.
+CONCURRENT_HASHES = 2
 _hasher = PasswordHasher()
+_hashing = threading.BoundedSemaphore(CONCURRENT_HASHES)
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ def add_user(engine: Engine, name: str, role: str, password: str) -> bool:
         raise ValueError("a user name has 1 to 64 characters")
     if len(password) < 8:
         raise ValueError("a password has at least 8 characters")
-    digest = _hasher.hash(password)
+    with _hashing:
+        digest = _hasher.hash(password)
     with engine.begin() as connection:
         changed = connection.execute(
             update(db.users).where(db.users.c.name == name).values(role=role, password_hash=digest)).rowcount
@@ -66,10 +73,11 @@ def check_password(engine: Engine, name: str, password: str) -> Account | None:
     with db.reading(engine) as connection:
         row = connection.execute(select(db.users).where(db.users.c.name == name)).mappings().first()
     try:
-        if row is None:
-            _hasher.verify(_UNKNOWN_USER_HASH, password)
-            return None
-        _hasher.verify(row["password_hash"], password)
+        with _hashing:
+            if row is None:
+                _hasher.verify(_unknown_user_hash(), password)
+                return None
+            _hasher.verify(row["password_hash"], password)
     except (VerificationError, InvalidHashError):
         return None
     return Account(row["name"], row["role"])
@@ -108,4 +116,7 @@ def _token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-_UNKNOWN_USER_HASH = _hasher.hash(secrets.token_hex(16))
+@functools.cache
+def _unknown_user_hash() -> str:
+    """A hash to verify against for a name that is no user's: made once, when first needed."""
+    return _hasher.hash(secrets.token_hex(16))
