@@ -29,11 +29,15 @@ def start_prometheus(workdir, target: str) -> tuple[subprocess.Popen, str]:
 
 
 def query(prometheus: str, expression: str) -> float | None:
+    """The expression's first value; None while Prometheus cannot answer yet (not listening, or
+    503 "Service Unavailable" until its storage is open)."""
     try:
-        answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expression}, timeout=5).json()
+        response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expression}, timeout=5)
     except httpx.HTTPError:
         return None
-    result = answer.get("data", {}).get("result", [])
+    if response.status_code != 200:
+        return None
+    result = response.json().get("data", {}).get("result", [])
     return float(result[0]["value"][1]) if result else None
 
 
