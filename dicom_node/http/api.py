@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from starlette.datastructures import UploadFile
 
 from dicom_node.config import Config
-from dicom_node.http.auth import CSRF_FIELD, CSRF_HEADER, check_csrf, operator_of, requiring
+from dicom_node.http.auth import CSRF_HEADER, check_csrf, checked_form, operator_of, requiring
 from dicom_node.state import actions, audit, db, jobs, overview, pipeline_checks
 from dicom_node.state.accounts import Account
 from dicom_node.state.completion import explain, explain_stacks
@@ -199,9 +199,7 @@ async def rule_test(request: Request, _: Viewer) -> dict:
     length = request.headers.get("content-length")
     if length is None or not length.isdigit() or int(length) > MAX_RULE_TEST_BYTES:
         raise HTTPException(413, f"a rule test uploads at most {MAX_RULE_TEST_BYTES // 2**20} MB, with a Content-Length")
-    form = await request.form(max_files=MAX_RULE_TEST_FILES, max_fields=10)
-    submitted = form.get(CSRF_FIELD)
-    check_csrf(request, submitted if isinstance(submitted, str) else request.headers.get(CSRF_HEADER))
+    form = await checked_form(request, MAX_RULE_TEST_FILES, header_too=True)
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
     if not uploads:
         raise HTTPException(422, "upload one or more DICOM files as the form field 'files'")

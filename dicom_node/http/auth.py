@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 from sqlalchemy import Engine
+from starlette.datastructures import FormData
 
 from dicom_node.state import accounts
 from dicom_node.state.accounts import Account
@@ -72,6 +73,17 @@ def check_csrf(request: Request, submitted: str | None) -> None:
     expected = request.session.get("csrf")
     if not expected or not submitted or not hmac.compare_digest(expected, submitted):
         raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+
+
+async def checked_form(request: Request, max_files: int = 0, header_too: bool = False) -> FormData:
+    """The posted form, once its CSRF token (the form's field, or with ``header_too`` the
+    X-CSRF-Token header) is the session's; at most 10 fields and ``max_files`` files."""
+    form = await request.form(max_files=max_files, max_fields=10)
+    submitted = form.get(CSRF_FIELD)
+    if not isinstance(submitted, str):
+        submitted = request.headers.get(CSRF_HEADER) if header_too else None
+    check_csrf(request, submitted)
+    return form
 
 
 def operator_of(request: Request, account: Account) -> Operator:

@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import UploadFile
 
 from dicom_node.http.api import DAY, MAX_RULE_TEST_FILES, public_config, tested_rules
-from dicom_node.http.auth import CSRF_FIELD, authenticate, check_csrf, csrf_token, operator_of
+from dicom_node.http.auth import authenticate, checked_form, csrf_token, operator_of
 from dicom_node.http.charts import line, stacked_bars
 from dicom_node.state import accounts, actions, db, jobs, overview
 from dicom_node.state.accounts import Account
@@ -127,9 +127,7 @@ def rules_page(request: Request) -> HTMLResponse:
 @router.post("/rules", response_class=HTMLResponse)
 async def rules_test(request: Request) -> HTMLResponse:
     account = _account(request, "viewer")
-    form = await request.form(max_files=MAX_RULE_TEST_FILES, max_fields=10)
-    submitted = form.get(CSRF_FIELD)
-    check_csrf(request, submitted if isinstance(submitted, str) else None)
+    form = await checked_form(request, MAX_RULE_TEST_FILES)
     uploads = [item for item in form.getlist("files") if isinstance(item, UploadFile)]
     answer = tested_rules(request.app.state.config, request.app.state.engine, uploads) if uploads else None
     return _page(request, "rules.html", account, "Rule tester", answer=answer)
@@ -151,9 +149,7 @@ def _back(next_page: str | None, fallback: str = "/") -> str:
 
 async def _form_action(request: Request, action, *args) -> Response:
     account = _account(request, "operator")
-    form = await request.form(max_fields=10, max_files=0)
-    submitted = form.get(CSRF_FIELD)
-    check_csrf(request, submitted if isinstance(submitted, str) else None)
+    form = await checked_form(request)
     back = _back(form.get("next") if isinstance(form.get("next"), str) else None)
     try:
         message = action(request.app.state.engine, *args, operator_of(request, account))
@@ -209,9 +205,7 @@ def login_page(request: Request, next: str = "/") -> HTMLResponse:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    form = await request.form(max_fields=10, max_files=0)
-    submitted = form.get(CSRF_FIELD)
-    check_csrf(request, submitted if isinstance(submitted, str) else None)
+    form = await checked_form(request)
     name, password = form.get("username"), form.get("password")
     back = _back(form.get("next") if isinstance(form.get("next"), str) else None)
     account = (accounts.check_password(request.app.state.engine, name, password)
@@ -232,8 +226,6 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    form = await request.form(max_fields=10, max_files=0)
-    submitted = form.get(CSRF_FIELD)
-    check_csrf(request, submitted if isinstance(submitted, str) else None)
+    await checked_form(request)
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
