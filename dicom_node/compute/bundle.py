@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from dicom_node.bundle_info import read_bundle_info
 from dicom_node.compute.argmax import ArgmaxThroughMax
 from dicom_node.compute.resampling import separable_resampling
 from dicom_node.compute.tiled_transpose import copy_reversed_axes
-from dicom_node.compute.volume import Volume
+
+if TYPE_CHECKING:  # the volume module needs pydicom, which a bundle's runtime does not hold
+    from dicom_node.compute.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,11 @@ FILE_TRANSFORMS = (LoadImage, LoadImaged, SaveImage, SaveImaged)
 
 class BundleError(RuntimeError):
     """A bundle that cannot be loaded or run; the message is shown to the operator."""
+
+
+class DiagnosedError(BundleError):
+    """A failure already told in words where it happened (a bundle's runtime, which knows its
+    own versions): passed on as it is, never diagnosed again."""
 
 
 def choose_device(setting: str) -> torch.device:
@@ -147,17 +155,21 @@ class Bundle:
         return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
     def predict(self, volume: Volume) -> np.ndarray:
-        """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background.
+        """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background."""
+        series_uid = volume.frames[0].header.SeriesInstanceUID if volume.frames else "synthetic"
+        return self.predict_array(volume.array, volume.affine_ras, series_uid)
+
+    def predict_array(self, array: np.ndarray, affine_ras: np.ndarray, name: str) -> np.ndarray:
+        """`predict` on the volume's voxels and RAS affine alone (a runtime's runner has no DICOM).
 
         The array is a view of memory laid out frame by frame (``[k, j, i]``), the layout the
         SEG is built from: ``volume.frame_masks`` then needs no copy. The volume comes in that
         layout and the resampling keeps it, so the conversion to integers is a straight copy; a
         bundle whose output arrives in another layout costs one tiled transposition here.
         """
-        series_uid = volume.frames[0].header.SeriesInstanceUID if volume.frames else "synthetic"
         started = time.perf_counter()
-        with separable_resampling(volume.array.shape), ArgmaxThroughMax():
-            item = self.preprocessing({self.image_key: as_loaded(volume.array, volume.affine_ras, series_uid)})
+        with separable_resampling(array.shape), ArgmaxThroughMax():
+            item = self.preprocessing({self.image_key: as_loaded(array, affine_ras, name)})
             preprocessed = time.perf_counter()
             with torch.no_grad():
                 batch = item[self.image_key][None].to(self.device)
@@ -171,8 +183,8 @@ class Bundle:
             # One channel: a label map already. Several: per-label scores the bundle left as
             # they are (no argmax in its postprocessing); the strongest label wins per voxel.
             prediction = prediction[0] if prediction.shape[0] == 1 else prediction.argmax(dim=0)
-        if tuple(prediction.shape) != volume.array.shape:
-            raise BundleError(f"bundle output {tuple(prediction.shape)} is not on the source grid {volume.array.shape}")
+        if tuple(prediction.shape) != array.shape:
+            raise BundleError(f"bundle output {tuple(prediction.shape)} is not on the source grid {array.shape}")
         if prediction.is_floating_point():
             prediction = prediction.round_()  # in place: nothing else holds the prediction now
         by_frame = np.empty(prediction.shape[::-1], dtype=np.uint16)
