@@ -50,20 +50,52 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--role", choices=ROLES, default="viewer")
     token.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
     bundle = commands.add_parser(
-        "bundle", help="check that a MONAI bundle runs here",
-        description="Load all the node uses of a bundle (network, weights, preprocessing, inferer, postprocessing), run "
-        "a small synthetic volume through it, and say what is wrong, or that it is ready with the labels and codes it "
-        "will write. Exits 0 when ready, 1 when not.")
-    bundle.add_argument("action", choices=("check",))
+        "bundle", help="check that a MONAI bundle runs here, or prepare its own runtime",
+        description="check: load all the node uses of a bundle (network, weights, preprocessing, inferer, "
+        "postprocessing), run a small synthetic volume through it, and say what is wrong, or that it is ready with the "
+        "labels and codes it will write; in the node's environment, or with --runtime bundle in the runtime prepared "
+        "for it. prepare: make the bundle's runtime under data_dir/runtimes/ (a Python environment with the MONAI its "
+        "metadata names, for pipelines with runtime = \"bundle\"), then check the bundle in it. Both exit 0 when the "
+        "bundle is ready, 1 when not.")
+    bundle.add_argument("action", choices=("check", "prepare"))
     bundle.add_argument("directory", type=Path, help="the bundle's directory (Model Zoo layout)")
     bundle.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    bundle.add_argument("--runtime", choices=("node", "bundle"), default="node",
+                        help="check in the node's environment (default) or in the bundle's prepared runtime")
+    bundle.add_argument("--config", type=Path, help="the node's TOML configuration: where its runtimes are "
+                        "(needed by prepare and by --runtime bundle)")
     return parser
 
 
-def _bundle_check(args) -> int:
-    from dicom_node.compute.bundle_check import check_bundle  # PyTorch and MONAI load here only
+def _bundle(args) -> int:
+    """`bundle check` and `bundle prepare`; PyTorch and MONAI are loaded here only."""
+    runtimes = None
+    if args.action == "prepare" or args.runtime == "bundle":
+        if args.config is None:
+            print(f"dicom-node: bundle {args.action}{' --runtime bundle' if args.action == 'check' else ''} needs "
+                  "--config: the runtimes are kept in the node's data_dir", file=sys.stderr)
+            return 2
+        from dicom_node.compute.runtime.prepare import runtimes_dir
+        from dicom_node.config import load_config
 
-    report = check_bundle(args.directory.resolve(), args.device)
+        try:
+            runtimes = runtimes_dir(load_config(args.config).node.data_dir)
+        except (OSError, ValueError, ValidationError) as error:
+            print(f"dicom-node: invalid configuration {args.config}: {error}", file=sys.stderr)
+            return 2
+    directory = args.directory.resolve()
+    if args.action == "prepare":
+        from dicom_node.compute.runtime.prepare import PrepareError, prepare
+        from dicom_node.compute.runtime.spec import SpecError
+
+        try:
+            prepare(directory, runtimes, lambda line: print(line, flush=True))
+        except (PrepareError, SpecError) as error:
+            print(f"dicom-node: {error}", file=sys.stderr)
+            return 1
+    from dicom_node.compute.bundle_check import check_bundle
+
+    report = check_bundle(directory, args.device, runtimes)
     print(report.render())
     return 0 if report.ready else 1
 
@@ -102,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
     if args.command == "bundle":
-        return _bundle_check(args)
+        return _bundle(args)
     from dicom_node.config import load_config
 
     try:

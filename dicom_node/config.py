@@ -157,6 +157,12 @@ class Pipeline(Strict):
     )
     priority: int = Field(0, description="Jobs of higher priority are claimed first.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+    runtime: Literal["node", "bundle", "auto"] = Field(
+        "node",
+        description="Where the bundle runs: 'node', the node's own MONAI; 'bundle', the runtime made for the MONAI "
+        "its metadata names (`dicom-node bundle prepare`); 'auto', the node's when the bundle passes its check "
+        "there, else the bundle's (docs/bundles.md).",
+    )
 
     @property
     def select_blocks(self) -> list[SelectBlock]:

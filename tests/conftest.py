@@ -33,3 +33,11 @@ def orthanc(tmp_path, node_port):
     pacs = start_orthanc(tmp_path / "orthanc", {"node": ["DICOMNODE", "127.0.0.1", node_port]})
     yield pacs
     pacs.stop()
+
+
+@pytest.fixture(scope="session")
+def old_monai(tmp_path_factory):
+    """A bundle made for MONAI 1.3.0 with its runtime prepared, once per run (`old_monai`)."""
+    from tests.support.old_monai import prepared_old_monai
+
+    return prepared_old_monai(tmp_path_factory.mktemp("old-monai"))

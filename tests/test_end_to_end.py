@@ -9,13 +9,24 @@ truth (Dice >= 0.9).
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from scipy.ndimage import binary_erosion
 
-from tests.support.ct_study import DEMO_BUNDLE, StudyInfo, ct_series, localizer, make_phantom, write_series
+from tests.support.ct_study import (
+    DEMO_BUNDLE,
+    StudyInfo,
+    ct_series,
+    localizer,
+    make_phantom,
+    small_study,
+    write_series,
+)
 from tests.support.peers import ROOT, start_node, wait_for, write_node_config
 from tests.support.validators import dciodvfy_errors, dciodvfy_findings
 
@@ -145,3 +156,60 @@ def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, s
         drawn = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 60
         assert drawn.sum() > 0 and (drawn & edges).sum() >= 0.95 * drawn.sum(), "outlines off the SEG's edges"
         assert (drawn & edges).sum() >= 0.9 * edges.sum(), "segment edges missing from the outline image"
+
+
+def test_a_bundle_made_for_an_older_monai_runs_in_its_runtime_from_push_to_pacs(tmp_path, orthanc, node_port,
+                                                                                 old_monai, artifacts):
+    """The MONAI 1.3.0 bundle (`tests.support.old_monai`), which the node's MONAI cannot even
+    instantiate, with ``runtime = "bundle"``: a study pushed by Orthanc comes back as a valid SEG
+    with the bundle's labels and their codes, and an SR. Beside it, a bundle whose runtime was
+    never prepared is disabled with what to run, and does not hold the other up."""
+    unprepared = tmp_path / "unprepared"
+    shutil.copytree(old_monai.bundle, unprepared)
+    metadata = json.loads((unprepared / "configs" / "metadata.json").read_text())
+    (unprepared / "configs" / "metadata.json").write_text(json.dumps({**metadata, "monai_version": "1.2.0"}))
+    config = write_node_config(
+        tmp_path / "node", node_port,
+        destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
+        pipelines=[
+            {"name": "old-monai", "model": str(old_monai.bundle_copy(tmp_path)), "runtime": "bundle", "device": "cpu",
+             "destinations": ["pacs"], "select": {"Modality": "CT"}},
+            {"name": "unprepared", "model": str(unprepared), "runtime": "bundle", "destinations": ["pacs"],
+             "select": {"Modality": "CT"}},
+        ],
+        stable_after=2, min_free_disk_mb=0,
+    )
+    old_monai.use_in(tmp_path / "node" / "data")
+    node = start_node(config, node_port)
+    try:
+        info, paths = small_study(tmp_path / "study", slices=24)
+        study_id = orthanc.upload(paths)
+        orthanc.request("POST", "/modalities/node/store", {"Resources": [study_id], "Synchronous": True})
+        wait_for(lambda: {"SEG", "SR"} <= orthanc.modality_counts(info.study_uid).keys(), 300,
+                 "SEG and SR in Orthanc", 1.0)
+        status = node.cli("status")
+    finally:
+        node.stop()
+        (artifacts / "node.log").write_text(node.log())
+    assert "old-monai done" in status, status
+    assert ("pipeline unprepared DISABLED: its runtime monai-1.2.0-" in status
+            and "is not prepared: run `dicom-node bundle prepare" in status), status
+    assert "loaded bundle Spleen and liver CT segmentation (older MONAI) 0.3.1 in runtime monai-1.3.0-" in node.log()
+    assert "ready: old-monai on cpu in its bundle's runtime, unprepared disabled" in node.log()
+    objects = {}
+    for series in orthanc.series_of_study(info.study_uid):
+        modality = series["MainDicomTags"].get("Modality")
+        if modality in ("SEG", "SR"):
+            [instance_id] = series["Instances"]
+            path = artifacts / f"{modality}.dcm"
+            path.write_bytes(orthanc.get(f"/instances/{instance_id}/file"))
+            assert_valid_and_documented(path)
+            objects[modality] = pydicom.dcmread(path)
+    seg = objects["SEG"]
+    assert "spleen_liver" not in seg.SeriesDescription and "older MONAI" in seg.SeriesDescription
+    codes = {d.SegmentLabel: d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in seg.SegmentSequence}
+    assert codes and set(codes) <= {"spleen", "liver"}
+    assert {"spleen": "78961009", "liver": "10200004"}.items() >= codes.items()
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(paths[0]).SeriesInstanceUID
+    sr = hd.sr.Comprehensive3DSR.from_dataset(objects["SR"])
+    assert {g.tracking_identifier for g in sr.content.get_volumetric_roi_measurement_groups()} == set(codes)

@@ -28,10 +28,12 @@ from sqlalchemy import Engine, select
 
 from dicom_node import metrics
 from dicom_node.compute.bundle import Bundle, BundleError, choose_device
-from dicom_node.compute.bundle_check import check_loaded, diagnose, layout_problems, made_with
+from dicom_node.compute.bundle_diagnosis import check_loaded, diagnose, installed, layout_problems, made_with
 from dicom_node.compute.frames import GeometryError, read_frames, split_stacks
 from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.prefetch import VolumePrefetch
+from dicom_node.compute.runtime.client import RuntimeBundle, RuntimeExited
+from dicom_node.compute.runtime.prepare import runtime_for, runtimes_dir
 from dicom_node.compute.volume import Volume, load_volume
 from dicom_node.config import Config, Pipeline
 from dicom_node.doorbell import Bell, Ringer
@@ -47,6 +49,11 @@ from dicom_node.state import db, files, jobs, pipeline_checks
 log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.1  # an idle worker's look for a job: one indexed query
+
+
+def _made_for_another_monai(bundle_dir: Path) -> bool:
+    made = made_with(bundle_dir).get("monai")
+    return made is not None and made != installed("monai")
 
 
 class JobFailure(Exception):
@@ -76,6 +83,8 @@ def classify_failure(error: Exception, timeout_seconds: float) -> tuple[str, boo
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     for cause in chain:
+        if isinstance(cause, RuntimeExited):  # the moment's: a new runner may well succeed
+            return str(cause)[:500], False
         if isinstance(cause, JobTimeout):
             return f"exceeded the time limit of {timeout_seconds:g} s (timeout_seconds)", True
         if isinstance(cause, (MemoryError, torch.OutOfMemoryError)):
@@ -117,26 +126,38 @@ class Worker:
         self.jobs_queued = jobs_queued
         self.results_recorded = results_recorded
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.bundles: OrderedDict[str, Bundle] = OrderedDict()  # least recently used first
+        self.bundles: OrderedDict[str, Bundle | RuntimeBundle] = OrderedDict()  # least recently used first
         self.disabled: set[str] = set()  # pipelines whose bundle failed the check (`warm_up`)
+        # Where each pipeline's bundle runs, "node" or "bundle": its `runtime`, or what `check`
+        # chose for runtime = "auto".
+        self.runs_in: dict[str, str] = {}
         self.equipment = Equipment(config.node.ae_title)
         self.prefetch = VolumePrefetch(config, engine)
 
-    def bundle(self, pipeline: Pipeline, study_uid: str | None) -> Bundle:
+    def bundle(self, pipeline: Pipeline, study_uid: str | None) -> Bundle | RuntimeBundle:
         """Load once, run many: a bundle stays warm for the next job of its pipeline, until the
         warm bundles together outgrow model_memory_mb and the least recently used goes."""
         if pipeline.name in self.bundles:
             self.bundles.move_to_end(pipeline.name)
             return self.bundles[pipeline.name]
-        bundle = Bundle(pipeline.model, choose_device(pipeline.device))
+        runs_in = self.runs_in.get(pipeline.name, "node" if pipeline.runtime == "auto" else pipeline.runtime)
+        bundle: Bundle | RuntimeBundle
+        if runs_in == "bundle":
+            runtime = runtime_for(pipeline.model, runtimes_dir(self.config.node.data_dir))
+            bundle = RuntimeBundle(pipeline.model, pipeline.device, runtime)
+        else:
+            bundle = Bundle(pipeline.model, choose_device(pipeline.device))
         self.bundles[pipeline.name] = bundle
         evicted = []
         while len(self.bundles) > 1 and self._loaded_mb() > self.config.node.model_memory_mb:
-            name, _ = self.bundles.popitem(last=False)
+            name = next(iter(self.bundles))
+            self._unload(name)
             evicted.append(name)
         _free_memory()
         with self.engine.begin() as connection:
             message = f"worker {self.name} loaded bundle {bundle.info.name} {bundle.info.version} for {pipeline.name}"
+            if isinstance(bundle, RuntimeBundle):
+                message += f" in its runtime {bundle.runtime.name} (MONAI {bundle.versions.get('monai')})"
             if evicted:
                 message += f"; unloaded {', '.join(evicted)} (model_memory_mb)"
             db.log_event(connection, study_uid, "info", message)
@@ -144,6 +165,12 @@ class Worker:
 
     def _loaded_mb(self) -> float:
         return sum(bundle.weight_mb for bundle in self.bundles.values())
+
+    def _unload(self, pipeline_name: str) -> None:
+        """Forget a loaded bundle; one loaded in its runtime has its runner stopped too."""
+        bundle = self.bundles.pop(pipeline_name, None)
+        if isinstance(bundle, RuntimeBundle):
+            bundle.close()
 
     def warm_up(self) -> None:
         """Before the first job: the standard's tables the result encoders read, and each
@@ -158,12 +185,21 @@ class Worker:
             self.check(pipeline)
 
     def check(self, pipeline: Pipeline) -> None:
-        """Load and check the pipeline's bundle; enable or disable the pipeline accordingly."""
+        """Load and check the pipeline's bundle; enable or disable the pipeline accordingly.
+        With runtime = "auto", the node's environment is tried first, then the bundle's runtime."""
         problems = layout_problems(pipeline.model)
-        try:
-            problems = problems or check_loaded(self.bundle(pipeline, None))
-        except Exception as error:  # noqa: BLE001 - every failure is the check's answer
-            problems = [diagnose(error, made_with(pipeline.model))]
+        if not problems:
+            problems = self._try(pipeline, "node" if pipeline.runtime == "auto" else pipeline.runtime)
+        if problems and pipeline.runtime == "auto" and self.runs_in.get(pipeline.name) == "node":
+            in_node = "; ".join(problems)
+            problems = self._try(pipeline, "bundle")
+            if problems:
+                problems = [f"in the node's environment, {in_node}; in its own runtime, {'; '.join(problems)}"]
+            else:
+                log.info("pipeline %s runs in its bundle's runtime (runtime = auto): in the node's environment, %s",
+                         pipeline.name, in_node)
+        elif problems and pipeline.runtime == "node" and _made_for_another_monai(pipeline.model):
+            problems.append('runtime = "bundle" on the pipeline would run it with the MONAI it was made with')
         reason = "; ".join(problems) or None
         if reason is None:
             if pipeline.name in self.disabled:
@@ -171,12 +207,21 @@ class Worker:
             self.disabled.discard(pipeline.name)
         else:
             self.disabled.add(pipeline.name)
-            self.bundles.pop(pipeline.name, None)
+            self._unload(pipeline.name)
             log.error("pipeline %s disabled: its bundle %s failed the check: %s", pipeline.name, pipeline.model,
                       reason)
         failed = pipeline_checks.record(self.engine, pipeline.name, reason, self.name)
         if failed:
             log.error("%d queued job(s) of pipeline %s failed with that reason", failed, pipeline.name)
+
+    def _try(self, pipeline: Pipeline, runs_in: str) -> list[str]:
+        """The bundle loaded afresh where ``runs_in`` says, and what its check finds."""
+        self._unload(pipeline.name)
+        self.runs_in[pipeline.name] = runs_in
+        try:
+            return check_loaded(self.bundle(pipeline, None))
+        except Exception as error:  # noqa: BLE001 - every failure is the check's answer
+            return [diagnose(error, made_with(pipeline.model))]
 
     def recheck_disabled(self) -> None:
         """A job queued for a disabled pipeline (an operator retried it, the bundle fixed or
@@ -311,7 +356,7 @@ class Worker:
                          f"job {job['id']}: {volume.resampled}; the images were sampled onto a regular grid of "
                          f"{spacing} mm for the model, and its results brought back onto each image")
 
-    def _encode(self, job, pipeline: Pipeline, bundle: Bundle, volume: Volume, labels) -> _Encoded:
+    def _encode(self, job, pipeline: Pipeline, bundle: Bundle | RuntimeBundle, volume: Volume, labels) -> _Encoded:
         """The SEG (when a label was found), the SR and the outline images, as file bytes. A
         failure here is the series' and the bundle's, not the moment's: it is not retried."""
         try:
@@ -424,7 +469,9 @@ class Worker:
         reuse_freed_memory()
         try:
             self.warm_up()
-            devices = sorted({f"{p.name} on {choose_device(p.device)}" for p in self.config.pipelines})
+            devices = sorted(f"{p.name} disabled" if p.name in self.disabled else f"{p.name} on {choose_device(p.device)}"
+                             + (" in its bundle's runtime" if self.runs_in.get(p.name) == "bundle" else "")
+                             for p in self.config.pipelines)
             log.info("worker %s ready%s", self.name, f": {', '.join(devices)}" if devices else "")
             while not stop.is_set():
                 if not self.run_once():
@@ -434,6 +481,9 @@ class Worker:
                     (self.jobs_queued.wait if self.jobs_queued else stop.wait)(IDLE_POLL_SECONDS)
         except ShutdownRequested:
             log.info("worker %s stopping at SIGTERM", self.name)
+        finally:
+            for name in list(self.bundles):
+                self._unload(name)
 
 
 class _ShutdownSignal:

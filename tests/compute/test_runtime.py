@@ -1,0 +1,74 @@
+"""A bundle made for an older MONAI runs in its own runtime, as the node would run it in its own.
+
+The runtime (MONAI 1.3.0 with the NumPy of its line, the node's PyTorch) is prepared once per
+run by the ``old_monai`` fixture. The Zoo's pediatric bundle (YAML) names the same versions,
+so it runs in that runtime too: its label map there is compared voxel by voxel with the node's
+own on the same CT, which would show any axis, order or offset lost on the way through the pipe.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.compute.bundle import Bundle
+from dicom_node.compute.runtime.client import RuntimeBundle, RuntimeExited
+from dicom_node.compute.worker import classify_failure
+from tests.compute.test_bundle import ct_volume, zoo_bundle  # noqa: F401 - ct_volume is a fixture
+from tests.support.peers import ROOT, write_node_config
+
+
+def node_config_with(old_monai, folder):
+    config = write_node_config(folder, 11112, destinations=[], pipelines=[])
+    old_monai.use_in(folder / "data")
+    return config
+
+
+def test_bundle_check_in_its_runtime_says_ready_where_the_node_cannot_run_it(tmp_path, old_monai):
+    config = node_config_with(old_monai, tmp_path / "node")
+    command = [sys.executable, "-m", "dicom_node.cli", "bundle", "check", str(old_monai.bundle), "--device", "cpu"]
+    in_node = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert in_node.returncode == 1 and "`SwinUNETR` no longer takes `img_size`" in in_node.stdout
+    in_runtime = subprocess.run([*command, "--runtime", "bundle", "--config", str(config)], capture_output=True,
+                                text=True, cwd=ROOT, timeout=300, check=False)
+    assert in_runtime.returncode == 0, in_runtime.stdout + in_runtime.stderr
+    assert f"runtime {old_monai.runtime.name} runs monai 1.3.0" in in_runtime.stdout
+    assert "label 1 spleen: SCT 78961009 Spleen" in in_runtime.stdout
+    assert "label 2 liver: SCT 10200004 Liver" in in_runtime.stdout
+
+
+def test_the_yaml_zoo_bundle_gives_the_same_labels_in_its_runtime_as_in_the_node(tmp_path, old_monai, ct_volume):  # noqa: F811
+    bundle_dir = zoo_bundle("pediatric_abdominal_ct_segmentation", tmp_path)
+    in_node = Bundle(bundle_dir, torch.device("cpu")).predict(ct_volume)
+    in_runtime = RuntimeBundle(bundle_dir, "cpu", old_monai.runtime)
+    try:
+        assert in_runtime.versions["monai"] == "1.3.0" and in_runtime.versions["numpy"].startswith("1.")
+        labels = in_runtime.predict(ct_volume)
+    finally:
+        in_runtime.close()
+    assert labels.shape == in_node.shape == ct_volume.array.shape
+    assert set(np.unique(in_node)) - {0}, "random weights that write no label prove nothing"
+    agreement = float(np.mean(labels == in_node))
+    assert agreement > 0.995, f"the two environments agree on {agreement:.4f} of the voxels"
+    assert {"preprocess", "network", "postprocess", "runtime_pipe"} <= in_runtime.timings.keys()
+
+
+def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one(old_monai, ct_volume):  # noqa: F811
+    bundle = RuntimeBundle(old_monai.bundle, "cpu", old_monai.runtime)
+    try:
+        first = bundle._process
+        threading.Timer(1.0, first.kill).start()  # in the middle of the volume's network run
+        with pytest.raises(RuntimeExited, match=r"ended \(exit code -9\) while predicting") as ended:
+            bundle.predict(ct_volume)
+        reason, permanent = classify_failure(ended.value, 1800)
+        assert not permanent and "ended (exit code -9)" in reason  # retried: a new runner may succeed
+        labels = bundle.predict(ct_volume)
+        assert bundle._process is not first and labels.shape == ct_volume.array.shape
+        assert set(np.unique(labels)) <= {0, 1, 2}
+    finally:
+        bundle.close()
