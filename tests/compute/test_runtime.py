@@ -17,10 +17,21 @@ import pytest
 import torch
 
 from dicom_node.compute.bundle import Bundle
+from dicom_node.compute.frames import read_frames
 from dicom_node.compute.runtime.client import RuntimeBundle, RuntimeExited
+from dicom_node.compute.volume import load_volume
 from dicom_node.compute.worker import classify_failure
-from tests.compute.test_bundle import ct_volume, zoo_bundle  # noqa: F401 - ct_volume is a fixture
+from tests.compute.test_bundle import zoo_bundle
+from tests.support.ct_study import StudyInfo, ct_series, make_phantom, write_series
 from tests.support.peers import ROOT, write_node_config
+
+
+@pytest.fixture(scope="module")
+def ct_volume(tmp_path_factory):
+    """A small CT, longer along one axis than the others so that a lost transposition shows."""
+    phantom = make_phantom((40, 28, 12), (4.0, 4.0, 5.0), seed=21)
+    return load_volume(read_frames(write_series(ct_series(phantom, StudyInfo(), 5, "runtime input"),
+                                                tmp_path_factory.mktemp("ct"))))
 
 
 def node_config_with(old_monai, folder):
@@ -42,7 +53,7 @@ def test_bundle_check_in_its_runtime_says_ready_where_the_node_cannot_run_it(tmp
     assert "label 2 liver: SCT 10200004 Liver" in in_runtime.stdout
 
 
-def test_the_yaml_zoo_bundle_gives_the_same_labels_in_its_runtime_as_in_the_node(tmp_path, old_monai, ct_volume):  # noqa: F811
+def test_the_yaml_zoo_bundle_gives_the_same_labels_in_its_runtime_as_in_the_node(tmp_path, old_monai, ct_volume):
     bundle_dir = zoo_bundle("pediatric_abdominal_ct_segmentation", tmp_path)
     in_node = Bundle(bundle_dir, torch.device("cpu")).predict(ct_volume)
     in_runtime = RuntimeBundle(bundle_dir, "cpu", old_monai.runtime)
@@ -58,7 +69,7 @@ def test_the_yaml_zoo_bundle_gives_the_same_labels_in_its_runtime_as_in_the_node
     assert {"preprocess", "network", "postprocess", "runtime_pipe"} <= in_runtime.timings.keys()
 
 
-def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one(old_monai, ct_volume):  # noqa: F811
+def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one(old_monai, ct_volume):
     bundle = RuntimeBundle(old_monai.bundle, "cpu", old_monai.runtime)
     try:
         first = bundle._process
@@ -72,3 +83,26 @@ def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one
         assert set(np.unique(labels)) <= {0, 1, 2}
     finally:
         bundle.close()
+
+
+def test_runtime_auto_takes_the_node_where_the_check_passes_there_and_the_bundles_runtime_elsewhere(tmp_path,
+                                                                                                   old_monai):
+    from dicom_node.compute.worker import Worker
+    from dicom_node.config import load_config
+    from dicom_node.state import db
+    from tests.support.ct_study import DEMO_BUNDLE
+
+    config = load_config(write_node_config(tmp_path / "node", 11112, destinations=[], min_free_disk_mb=0, pipelines=[
+        {"name": "demo", "model": str(DEMO_BUNDLE), "runtime": "auto", "select": {"Modality": "CT"}},
+        {"name": "old", "model": str(old_monai.bundle), "runtime": "auto", "device": "cpu",
+         "select": {"Modality": "CT"}},
+    ]))
+    old_monai.use_in(tmp_path / "node" / "data")
+    worker = Worker(config, db.connect(config.database_url))
+    try:
+        worker.warm_up()
+        assert worker.runs_in == {"demo": "node", "old": "bundle"} and not worker.disabled
+        assert isinstance(worker.bundles["demo"], Bundle) and isinstance(worker.bundles["old"], RuntimeBundle)
+    finally:
+        for name in list(worker.bundles):
+            worker._unload(name)
