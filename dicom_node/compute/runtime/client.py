@@ -24,7 +24,7 @@ import dicom_node
 from dicom_node.bundle_info import read_bundle_info
 from dicom_node.compute.bundle import DiagnosedError
 from dicom_node.compute.runtime.prepare import python_of
-from dicom_node.compute.runtime.wire import WireError, receive, send
+from dicom_node.compute.runtime.wire import WireError, receive, send, widen
 
 if TYPE_CHECKING:
     from dicom_node.compute.volume import Volume
@@ -79,6 +79,8 @@ class RuntimeBundle:
         self._process = subprocess.Popen(
             [str(python_of(self.runtime)), "-I", "-c", BOOTSTRAP, str(package)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.runtime)
+        for pipe in (self._process.stdin, self._process.stdout):
+            widen(pipe)
         threading.Thread(target=self._log_lines, args=(self._process.stderr,), daemon=True,
                          name=f"runtime {self.runtime.name}").start()
         try:

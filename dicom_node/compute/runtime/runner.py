@@ -24,6 +24,7 @@ import torch
 
 from dicom_node.compute.bundle import Bundle, choose_device
 from dicom_node.compute.bundle_diagnosis import RUNTIME, diagnose, installed, made_with
+from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_memory
 from dicom_node.compute.runtime.wire import WireError, receive, send
 
 log = logging.getLogger("dicom_node.runtime")
@@ -74,6 +75,8 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 labels = bundle.predict_array(array, np.asarray(header["affine_ras"], dtype=np.float64),
                                               header["name"])
                 send(replies, {"ok": True, "timings": bundle.timings}, labels)
+                del array, labels
+                give_back_freed_memory()  # as the worker does between jobs: an idle runner holds its model only
             else:
                 send(replies, {"ok": False, "problem": f"the runner cannot {header.get('op')!r} now", "memory": False})
         except Exception as error:  # noqa: BLE001 - the worker hears every failure; the runner goes on
@@ -84,6 +87,7 @@ def main() -> None:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints from the bundle's code go to the log
     _die_with_the_worker()
+    reuse_freed_memory()  # the worker's allocation policy for volume-sized blocks (`job_memory`)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine("%(levelno)d %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
