@@ -64,10 +64,6 @@ def runtime_for(bundle_dir: Path, runtimes: Path) -> Path:
     return runtime
 
 
-def manifest(runtime: Path) -> dict:
-    return json.loads((runtime / MANIFEST).read_text())
-
-
 def prepare(bundle_dir: Path, runtimes: Path, say: Callable[[str], None]) -> Path:
     """The bundle's runtime, made now unless it exists. ``say`` hears each step in a line."""
     spec = spec_of(bundle_dir)
