@@ -113,3 +113,17 @@ def test_the_command_exits_non_zero_when_the_bundle_is_not_ready(tmp_path):
     ready = subprocess.run([sys.executable, "-m", "dicom_node.cli", "bundle", "check", str(DEMO)],
                            capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert ready.returncode == 0 and ": ready" in ready.stdout, ready.stdout + ready.stderr
+
+
+def test_what_monai_says_of_a_missing_optional_package_is_told_as_a_missing_package():
+    from dicom_node.compute.bundle_diagnosis import RUNTIME, diagnose
+
+    class OptionalImportError(ImportError):
+        """As MONAI's monai.utils.module raises it."""
+
+    einops = OptionalImportError("from einops import rearrange (No module named 'einops').\n\nFor details ...")
+    assert diagnose(einops, {"monai": "1.3.0"}, RUNTIME) == (
+        "package `einops` is missing: MONAI needs it for this bundle, its runtime does not have it")
+    assert diagnose(RuntimeError("Skimage.measure required."), {}) == (
+        "package `skimage` is missing: MONAI needs it for this bundle (\"Skimage.measure required.\"), the node's "
+        "environment does not have it")

@@ -318,5 +318,9 @@ def start_node(
             raise RuntimeError(f"the node exited with {process.returncode}:\n{node.log()[-3000:]}")
         return node.echo() if echo else "listening as" in node.log()
 
-    wait_for(ready, 60, "the node to answer C-ECHO")
+    try:
+        wait_for(ready, 60, "the node to answer C-ECHO")
+    except BaseException:
+        node.stop()  # a node that never got ready must not outlive the test that started it
+        raise
     return node
