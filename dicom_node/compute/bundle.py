@@ -156,8 +156,7 @@ class Bundle:
 
     def predict(self, volume: Volume) -> np.ndarray:
         """Label map on the volume's own grid: ``[i, j, k]`` integers, 0 = background."""
-        series_uid = volume.frames[0].header.SeriesInstanceUID if volume.frames else "synthetic"
-        return self.predict_array(volume.array, volume.affine_ras, series_uid)
+        return self.predict_array(volume.array, volume.affine_ras, volume.name)
 
     def predict_array(self, array: np.ndarray, affine_ras: np.ndarray, name: str) -> np.ndarray:
         """`predict` on the volume's voxels and RAS affine alone (a runtime's runner has no DICOM).

@@ -122,6 +122,11 @@ class Volume:
         return tuple(float(np.linalg.norm(self.affine_ras[:3, axis])) for axis in range(3))
 
     @property
+    def name(self) -> str:
+        """What the bundle's transforms see as the file the image came from: its series."""
+        return self.frames[0].header.SeriesInstanceUID if self.frames else "synthetic"
+
+    @property
     def source_headers(self) -> list[Dataset]:
         """Each source instance once, in the order of first appearance along k, with the Type 2
         attributes that results copy from it (`TYPE_2_COPIED`) present, empty where the source

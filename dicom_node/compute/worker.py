@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.1  # an idle worker's look for a job: one indexed query
 
 
+def _first_choice(pipeline: Pipeline) -> str:
+    """Where a pipeline's bundle is tried first: "node" or "bundle" (runtime = "auto": the node)."""
+    return "node" if pipeline.runtime == "auto" else pipeline.runtime
+
+
 def _made_for_another_monai(bundle_dir: Path) -> bool:
     made = made_with(bundle_dir).get("monai")
     return made is not None and made != installed("monai")
@@ -140,7 +145,7 @@ class Worker:
         if pipeline.name in self.bundles:
             self.bundles.move_to_end(pipeline.name)
             return self.bundles[pipeline.name]
-        runs_in = self.runs_in.get(pipeline.name, "node" if pipeline.runtime == "auto" else pipeline.runtime)
+        runs_in = self.runs_in.get(pipeline.name, _first_choice(pipeline))
         bundle: Bundle | RuntimeBundle
         if runs_in == "bundle":
             runtime = runtime_for(pipeline.model, runtimes_dir(self.config.node.data_dir))
@@ -189,7 +194,7 @@ class Worker:
         With runtime = "auto", the node's environment is tried first, then the bundle's runtime."""
         problems = layout_problems(pipeline.model)
         if not problems:
-            problems = self._try(pipeline, "node" if pipeline.runtime == "auto" else pipeline.runtime)
+            problems = self._try(pipeline, _first_choice(pipeline))
         if problems and pipeline.runtime == "auto" and self.runs_in.get(pipeline.name) == "node":
             in_node = "; ".join(problems)
             problems = self._try(pipeline, "bundle")

@@ -115,7 +115,7 @@ class RuntimeBundle:
             send(process.stdin, header, array)
             reply, result = receive(process.stdout)
         except (WireError, BrokenPipeError) as error:
-            code = self._ended()
+            code = self.close()
             raise RuntimeExited(f"the bundle's runtime {self.runtime.name} ended (exit code {code}) while "
                                 f"{header['op']}ing; its last words: {' | '.join(self._last_words)[-600:]}") from error
         except BaseException:
@@ -126,24 +126,13 @@ class RuntimeBundle:
             raise MemoryError(problem) if reply.get("memory") else DiagnosedError(problem)
         return reply, result
 
-    def _ended(self) -> int | None:
-        process, self._process = self._process, None
-        if process is None:
-            return None
-        try:
-            return process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
     def predict(self, volume: Volume) -> np.ndarray:
         """Label map on the volume's own grid, as `Bundle.predict` gives it."""
-        series_uid = volume.frames[0].header.SeriesInstanceUID if volume.frames else "synthetic"
-        return self.predict_array(volume.array, volume.affine_ras, series_uid)
+        return self.predict_array(volume.array, volume.affine_ras, volume.name)
 
     def predict_array(self, array: np.ndarray, affine_ras: np.ndarray, name: str) -> np.ndarray:
         if self._process is None or self._process.poll() is not None:
-            self._ended()
+            self.close()
             self._start()
         started = time.perf_counter()
         reply, labels = self._exchange({"op": "predict", "affine_ras": np.asarray(affine_ras).tolist(),
@@ -155,12 +144,13 @@ class RuntimeBundle:
         self.timings["runtime_pipe"] = max(0.0, time.perf_counter() - started - sum(self.timings.values()))
         return labels
 
-    def close(self, at_once: bool = False) -> None:
-        """Stop the runner: its stdin closes, and it is killed if it does not end soon (or
-        ``at_once``, when it is in the middle of a request nobody waits for any more)."""
+    def close(self, at_once: bool = False) -> int | None:
+        """Stop the runner, and say how it ended: its stdin closes, and it is killed if it does
+        not end soon (or ``at_once``, when it is in the middle of a request nobody waits for any
+        more). None when there was no runner."""
         process, self._process = self._process, None
         if process is None:
-            return
+            return None
         if at_once:
             process.kill()
         for stream in (process.stdin, process.stdout):
@@ -169,7 +159,7 @@ class RuntimeBundle:
             except OSError:
                 pass
         try:
-            process.wait(timeout=5)
+            return process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait()
+            return process.wait()
