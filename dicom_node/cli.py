@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         ("retry", "re-queue failed jobs (of the given studies, or all) and send pending results now"),
         ("rerun", "run the finished jobs of the given studies again; new results supersede the old"),
         ("explain", "print, series by series, why each pipeline takes it or not"),
+        ("purge", "apply the retention policy now: remove what [retention] says has had its time"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("studies", nargs="+", metavar="STUDY_UID", help="Study Instance UIDs")
         if name == "explain":
             command.add_argument("study", metavar="STUDY_UID", help="a stored study's Study Instance UID")
+        if name == "purge":
+            command.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     user = commands.add_parser("user", help="add or remove a user of the dashboard and API",
                                description="Add a user (or change an existing one's role and password), or remove one. "
                                "The password is asked for, or read as one line from standard input.")
@@ -183,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         from dicom_node.state.jobs import rerun
 
         print(f"{rerun(engine, args.studies)} job(s) queued to run again")
+        return 0
+    if args.command == "purge":
+        from dicom_node.state.retention import describe, run
+
+        outcomes = run(config, engine, dry_run=args.dry_run)
+        print("\n".join(describe(outcome) for outcome in outcomes) or "nothing to purge")
         return 0
     if args.command == "explain":
         from dicom_node.state.completion import explain

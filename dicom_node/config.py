@@ -215,9 +215,51 @@ class Webhook(Strict):
     max_attempts: int = Field(10, ge=1, le=100, description="Tries (with backoff) before the event is dropped.")
 
 
+DAY_SECONDS = 86400.0
+Days = Annotated[float, Field(ge=0)] | Literal["forever"]
+
+
+class RetentionSettings(Strict):
+    """How long a finished study's files and records are kept (docs/operations.md#retention).
+
+    A study is finished once nothing is receiving, queued or running for it and every result is
+    delivered: a pending or dead-lettered delivery keeps all of it, whatever its age or the disk."""
+
+    instances_days: Days = Field(
+        7, description="Days received instances are kept after their study finished; 'forever' keeps them."
+    )
+    results_days: Days = Field(
+        30, description="Days the results the node made (SEG, SR, outlines) are kept after their study finished."
+    )
+    records_days: Days = Field(
+        365, description="Days the study's rows (jobs, results, deliveries, events) are kept after it finished; "
+        "never before its files."
+    )
+    purge_below_free_mb: float | None = Field(
+        None, ge=0,
+        description="When free space under data_dir falls below this, the files of the oldest finished studies go "
+        "first, whatever their age, until it is back above. Default: twice min_free_disk_mb; 0 turns it off.",
+    )
+    check_every_seconds: float = Field(60.0, gt=0, le=86400, description="How often the policy is applied.")
+
+    @model_validator(mode="after")
+    def _records_outlive_files(self) -> RetentionSettings:
+        records = self.seconds(self.records_days)
+        for name in ("instances_days", "results_days"):
+            if self.seconds(getattr(self, name)) > records:
+                raise ValueError(f"records_days ({self.records_days}) must be at least {name} "
+                                 f"({getattr(self, name)}): a study's rows are what says its files are to go")
+        return self
+
+    @staticmethod
+    def seconds(days: float | str) -> float:
+        return float("inf") if days == "forever" else float(days) * DAY_SECONDS
+
+
 class Config(Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     destinations: list[Destination] = Field(default_factory=list)
     pipelines: list[Pipeline] = Field(default_factory=list)
     priorities: list[PriorityRule] = Field(default_factory=list)
@@ -235,6 +277,10 @@ class Config(Strict):
             unknown = set(pipeline.destinations) - set(names)
             if unknown:
                 raise ValueError(f"pipeline {pipeline.name!r} names unknown destinations {sorted(unknown)}")
+        high_water = self.retention.purge_below_free_mb
+        if high_water and high_water < self.node.min_free_disk_mb:
+            raise ValueError(f"retention.purge_below_free_mb ({high_water:g}) must be at least node.min_free_disk_mb "
+                             f"({self.node.min_free_disk_mb:g}): purging must start before storing stops")
         taken: dict[int, str] = {}
         for pipeline in self.pipelines:
             for number in range(self.series_number(pipeline), self.series_number(pipeline) + 3):
@@ -255,6 +301,12 @@ class Config(Strict):
         if pipeline.series_number is not None:
             return pipeline.series_number
         return 900 + 10 * self.pipelines.index(pipeline)
+
+    @property
+    def purge_below_free_mb(self) -> float:
+        """Free space (MB) under which finished studies are purged oldest first; 0: never."""
+        configured = self.retention.purge_below_free_mb
+        return 2 * self.node.min_free_disk_mb if configured is None else configured
 
     @property
     def database_path(self) -> Path:

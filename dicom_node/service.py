@@ -40,7 +40,7 @@ from dicom_node.ingest.recovery import (
     remove_unrecorded_results,
 )
 from dicom_node.logs import setup_logging
-from dicom_node.state import db, jobs, pipeline_checks
+from dicom_node.state import db, jobs, pipeline_checks, retention
 from dicom_node.state.completion import ReadAhead, complete_quiet_studies
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _listen_when_free(host: str, port: int) -> socket.socket:
 
 class Supervisor:
     """The process tree of `dicom-node serve`: receivers and workers started, watched and
-    restarted, the completion and dispatch loops in threads, and the order things stop in.
+    restarted, the completion, dispatch and retention loops in threads, and the order things stop in.
     Each step is a method, so that a test can drive one in-process."""
 
     def __init__(self, config_path: Path, config: Config, engine, listening: socket.socket) -> None:
@@ -254,6 +254,10 @@ class Supervisor:
             )
             for d, (bell, _) in zip(self.config.destinations, self.dispatch_bells)
         ]
+        schedule = retention.Schedule(self.config, self.engine)
+        self.loops.append(threading.Thread(
+            target=_periodic, args=("retention", schedule.step, stop,
+                                    lambda _: stop.wait(retention.FREE_SPACE_LOOK_SECONDS)), daemon=True))
         for loop in self.loops:
             loop.start()
 

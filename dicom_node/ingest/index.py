@@ -122,7 +122,7 @@ def _insert(table, conflict: str, update: bool) -> TextClause:
 
 
 _STORED = text("SELECT sha256, study_uid, path FROM instances WHERE sop_instance_uid = :sop_instance_uid")
-_STUDY_STATE = text("SELECT state FROM studies WHERE study_uid = :study_uid")
+_STUDY_STATE = text("SELECT state, instances_purged_at FROM studies WHERE study_uid = :study_uid")
 _NEW_STUDY = text(
     "INSERT INTO studies (study_uid, patient_id, patient_name, accession_number, study_date, study_description, "
     "state, first_received_at, last_received_at) VALUES (:study_uid, :patient_id, :patient_name, "
@@ -131,6 +131,11 @@ _NEW_STUDY = text(
 _STUDY_RECEIVING = text(
     "UPDATE studies SET state = 'receiving', reason = NULL, last_received_at = :received_at "
     "WHERE study_uid = :study_uid"
+)
+_STUDY_ANEW = text(
+    "UPDATE studies SET state = 'receiving', reason = NULL, first_received_at = :received_at, "
+    "last_received_at = :received_at, completed_at = NULL, announced_state = NULL, instances_purged_at = NULL, "
+    "results_purged_at = NULL WHERE study_uid = :study_uid"
 )
 _STILL_RECEIVING = text(
     "UPDATE studies SET last_received_at = :received_at WHERE study_uid = :study_uid AND state = 'receiving'"
@@ -170,6 +175,7 @@ class InstanceIndex:
         self._stored, self._study_exists = prepare(_STORED), prepare(_STUDY_EXISTS)
         self._study_state, self._new_study = prepare(_STUDY_STATE), prepare(_NEW_STUDY)
         self._study_receiving, self._still_receiving = prepare(_STUDY_RECEIVING), prepare(_STILL_RECEIVING)
+        self._study_anew = prepare(_STUDY_ANEW)
         self._event, self._series, self._instance = prepare(_EVENT), prepare(_SERIES), prepare(_INSTANCE)
 
     def record(self, cursor: Any, header: InstanceHeader, instance: dict) -> Recorded:
@@ -184,8 +190,10 @@ class InstanceIndex:
 
         A study that was complete is re-opened by a new instance (``late_arrivals =
         "reprocess"``) or keeps its state (``"ignore"``); either way the instance is indexed and
-        the event logged. The usual case, an instance of a study still receiving, takes one
-        statement for the study.
+        the event logged. A study whose instances retention purged starts anew, whatever
+        ``late_arrivals`` says: its first instances are gone, so the new ones are a study of
+        their own, under the same record. The usual case, an instance of a study still
+        receiving, takes one statement for the study.
         """
         stored = self._stored.run(cursor, {"sop_instance_uid": header.sop_instance_uid}).fetchone()
         if stored is not None and stored[0] == instance["sha256"]:
@@ -193,10 +201,16 @@ class InstanceIndex:
         received_at = instance["received_at"]
         study_uid = header.study_uid
         if self._still_receiving.run(cursor, {"study_uid": study_uid, "received_at": received_at}).rowcount == 0:
-            if self._study_state.run(cursor, {"study_uid": study_uid}).fetchone() is None:
+            known = self._study_state.run(cursor, {"study_uid": study_uid}).fetchone()
+            if known is None:
                 if header.study is None:
                     raise LookupError(f"study {study_uid} has no row, and no values were read for one")
                 self._new_study.run(cursor, {"study_uid": study_uid, "received_at": received_at, **header.study})
+            elif known[1] is not None:
+                self._log(cursor, study_uid, f"instance {header.sop_instance_uid} arrived after this study's "
+                                             "instances were purged: received as a new study (its earlier jobs and "
+                                             "results stay in its history)")
+                self._study_anew.run(cursor, {"study_uid": study_uid, "received_at": received_at})
             elif self.late_arrivals == "reprocess":
                 self._log(cursor, study_uid, f"re-opened by a late instance {header.sop_instance_uid}")
                 self._study_receiving.run(cursor, {"study_uid": study_uid, "received_at": received_at})

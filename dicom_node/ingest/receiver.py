@@ -118,9 +118,11 @@ class Receiver:
         self.engine = engine
         self.acceptor: Acceptor | None = None
         self.max_instance_bytes = int(config.node.max_instance_mb * 1024 * 1024)
-        # (study, series) whose rows this process has committed. Rows are never deleted, so
-        # another instance of the pair needs neither row again, nor the values they hold.
+        # (study, series) whose rows this process has committed: another instance of the pair
+        # needs neither row again, nor the values they hold. Forgotten when retention purges
+        # (`_forget_if_purged`), as the rows may be gone.
         self._indexed_series: set[tuple[str, str]] = set()
+        self._purge_stamp = files.purge_stamp(config.node.data_dir)
         # Index commits need not wait for the disk: the file is already there, and the rows a
         # power cut takes are rebuilt from it at the next start (`recovery`).
         self._connection = DriverConnection(engine, durable_commits=False)
@@ -160,6 +162,7 @@ class Receiver:
             log.error("could not store %s from %s: %s", named, peer, incoming.failure)
             return OUT_OF_RESOURCES, "storage_error"
         implicit_vr, little_endian, deflated = _encoding(request.transfer_syntax)
+        self._forget_if_purged()
         try:
             with incoming.data_set() as data, (self._inflating if deflated else contextlib.nullcontext()):
                 plain = inflate(data, MAX_INFLATED_BYTES) if deflated else data
@@ -180,7 +183,7 @@ class Receiver:
             status, why = refusal
             log.warning("refused %s from %s: %s", named, peer, why)
             return status, "uid_mismatch" if header is not None else "malformed"
-        free_mb = _free_mb(self.config.node.data_dir)
+        free_mb = files.free_mb(self.config.node.data_dir)
         if free_mb < self.config.node.min_free_disk_mb:
             log.error(
                 "refused %s from %s: %.0f MB free under %s, below min_free_disk_mb = %g",
@@ -202,6 +205,15 @@ class Receiver:
         if recorded.replaced is not None:
             self._replaced(header, recorded.replaced, peer)
         return SUCCESS, None
+
+    def _forget_if_purged(self) -> None:
+        """One stat per instance (a microsecond) keeps the remembered rows and folders true
+        after a purge by the main process."""
+        stamp = files.purge_stamp(self.config.node.data_dir)
+        if stamp != self._purge_stamp:
+            self._purge_stamp = stamp
+            self._indexed_series = set()
+            self._files.forget_folders()
 
     @staticmethod
     def _refusal(request: StoreRequest, header: InstanceHeader | None) -> tuple[int, str] | None:
@@ -445,8 +457,3 @@ def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
     """(implicit VR, little endian, deflated): once per syntax, as a UID validates its value."""
     syntax = UID(transfer_syntax)
     return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
-
-
-def _free_mb(folder) -> float:
-    stats = os.statvfs(folder)
-    return stats.f_bavail * stats.f_frsize / 1e6

@@ -7,6 +7,8 @@ retry and rerun are `jobs.requeue_failed` and `jobs.rerun`, as on the command li
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import Engine, select, update
 
 from dicom_node.state import db
@@ -22,6 +24,9 @@ class NotFound(ActionRefused):
     """No such job or result."""
 
 
+PURGED = "job {}: its study's instances were purged (retention), so there is nothing to run it on"
+
+
 def _job(connection, job_id: int):
     job = connection.execute(select(db.jobs).where(db.jobs.c.id == job_id)).mappings().first()
     if job is None:
@@ -35,7 +40,8 @@ def retry_job(engine: Engine, job_id: int, by: Operator) -> None:
         job = _job(connection, job_id)
         if job["state"] != "failed":
             raise ActionRefused(f"job {job_id} is {job['state']}: only a failed job is retried")
-        queue_again(connection, [(job_id, job["study_uid"])], "re-queued by an operator", by)
+        if not queue_again(connection, [(job_id, job["study_uid"])], "re-queued by an operator", by):
+            raise ActionRefused(PURGED.format(job_id))
 
 
 def rerun_job(engine: Engine, job_id: int, by: Operator) -> None:
@@ -44,7 +50,8 @@ def rerun_job(engine: Engine, job_id: int, by: Operator) -> None:
         job = _job(connection, job_id)
         if job["state"] not in ("done", "failed", "cancelled"):
             raise ActionRefused(f"job {job_id} is {job['state']}: only a finished job is run again")
-        queue_again(connection, [(job_id, job["study_uid"])], "re-run by an operator", by)
+        if not queue_again(connection, [(job_id, job["study_uid"])], "re-run by an operator", by):
+            raise ActionRefused(PURGED.format(job_id))
 
 
 def cancel_job(engine: Engine, job_id: int, by: Operator) -> None:
@@ -66,11 +73,13 @@ def resend_result(engine: Engine, result_id: int, by: Operator) -> int:
     it, a destination was fixed). Returns how many deliveries were re-opened."""
     with engine.begin() as connection:
         result = connection.execute(
-            select(db.results.c.kind, db.results.c.sop_instance_uid, db.jobs.c.study_uid)
+            select(db.results.c.kind, db.results.c.sop_instance_uid, db.jobs.c.study_uid, db.results.c.path)
             .join(db.jobs, db.jobs.c.id == db.results.c.job_id).where(db.results.c.id == result_id)
         ).first()
         if result is None:
             raise NotFound(f"no result {result_id}")
+        if not Path(result.path).exists():
+            raise ActionRefused(f"result {result_id} cannot be sent again: its file is gone (purged by retention)")
         reopened = connection.execute(
             update(db.deliveries).where(db.deliveries.c.result_id == result_id)
             .values(state="pending", attempts=0, not_before=0.0, last_error=None, sent_at=None, announced_at=None)

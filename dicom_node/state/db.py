@@ -52,6 +52,10 @@ studies = Table(
     # The last final state (done, failed) webhooks were told of: a study is announced once per
     # time it ends, however often the notifier looks at it.
     Column("announced_state", String(16)),
+    # When retention removed the received instances, and the results the node made (their rows
+    # go, the study's stay until its records are purged too): `state.retention`.
+    Column("instances_purged_at", Float),
+    Column("results_purged_at", Float),
 )
 
 series = Table(

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,31 @@ def rename_durably(source: Path | str, path: Path) -> None:
     returns the file is under its new name even after a power cut."""
     os.replace(source, path)
     fsync_dir(path.parent)
+
+
+def free_mb(folder: Path) -> float:
+    """Free space (MB) for an unprivileged writer on the filesystem of ``folder``."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize / 1e6
+
+
+def purge_marker(data_dir: Path) -> Path:
+    """A file whose change tells every receiver that retention removed rows and folders: what
+    they remember of studies (`Receiver`) and folders (`IncomingFiles`) may be gone."""
+    return data_dir / "purged-at"
+
+
+def mark_purged(data_dir: Path) -> None:
+    marker = purge_marker(data_dir)
+    marker.write_text(f"{time.time()}\n")
+
+
+def purge_stamp(data_dir: Path) -> int:
+    """The marker's modification time (ns), 0 before the first purge."""
+    try:
+        return os.stat(purge_marker(data_dir)).st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 def incoming_folder(data_dir: Path) -> Path:
@@ -200,18 +226,29 @@ class IncomingFiles:
         """Flush ``incoming`` and move it to ``path``: it survives a crash once this returns."""
         folder = str(path.parent)
         try:
-            if folder not in self._folders:  # rows are never deleted, nor their folders
-                make_dirs_durably(path.parent)
-                if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
-                    self._folders.clear()
-                self._folders.add(folder)
+            if folder not in self._folders:
+                self._make_folder(path.parent)
             os.fdatasync(incoming.descriptor)
-            os.replace(incoming.slot, path)
+            try:
+                os.replace(incoming.slot, path)
+            except FileNotFoundError:  # retention removed the folder of a finished study since
+                self._make_folder(path.parent)
+                os.replace(incoming.slot, path)
         except BaseException:
             self._folders.discard(folder)  # removed behind the node's back, perhaps: looked at again
             self.discard(incoming)  # half written: never offered again
             raise
         incoming.close()
+
+    def _make_folder(self, folder: Path) -> None:
+        make_dirs_durably(folder)
+        if len(self._folders) >= MAX_REMEMBERED_FOLDERS:
+            self._folders.clear()
+        self._folders.add(str(folder))
+
+    def forget_folders(self) -> None:
+        """Retention removed folders: each is looked at again before its next file."""
+        self._folders = set()
 
     def discard(self, incoming: IncomingFile) -> None:
         incoming.close()

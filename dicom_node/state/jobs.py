@@ -211,7 +211,7 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None, by: Oper
             query = query.where(db.jobs.c.study_uid.in_(study_uids))
         failed = connection.execute(query).all()
         by = by or Operator.command_line()
-        queue_again(connection, failed, "re-queued by an operator", by)
+        requeued = queue_again(connection, failed, "re-queued by an operator", by)
         studies = select(db.studies.c.study_uid).where(db.studies.c.state == "failed")
         if study_uids:
             studies = studies.where(db.studies.c.study_uid.in_(study_uids))
@@ -234,11 +234,11 @@ def requeue_failed(engine: Engine, study_uids: list[str] | None = None, by: Oper
             due = due.where(db.deliveries.c.result_id.in_(results_of_studies))
         dead_letters = connection.execute(dead).rowcount
         connection.execute(due)
-        summary = (f"retry asked by an operator: {len(failed)} failed job(s) re-queued, {len(failed_studies)} failed "
+        summary = (f"retry asked by an operator: {requeued} failed job(s) re-queued, {len(failed_studies)} failed "
                    f"study(ies) re-opened, {dead_letters} dead delivery(ies) pending again")
         for study_uid in study_uids or [None]:  # the action itself, even where it found nothing to do
             db.log_event(connection, study_uid, "info", summary, by.name, by.address)
-    return Retried(len(failed), len(failed_studies), dead_letters)
+    return Retried(requeued, len(failed_studies), dead_letters)
 
 
 def rerun(engine: Engine, study_uids: list[str], by: Operator | None = None) -> int:
@@ -252,24 +252,35 @@ def rerun(engine: Engine, study_uids: list[str], by: Operator | None = None) -> 
             .where(db.jobs.c.state.in_(("done", "failed", "cancelled")), db.jobs.c.study_uid.in_(study_uids))
         ).all()
         by = by or Operator.command_line()
-        queue_again(connection, finished, "re-run by an operator", by)
+        queued = queue_again(connection, finished, "re-run by an operator", by)
         if not finished:
             for study_uid in study_uids:
                 db.log_event(connection, study_uid, "info", "rerun asked by an operator: no finished job to run again",
                              by.name, by.address)
-    return len(finished)
+    return queued
 
 
-def queue_again(connection: Connection, rows, why: str, by: Operator) -> None:
+def queue_again(connection: Connection, rows, why: str, by: Operator) -> int:
     """Jobs (id, study) back to the queue with fresh attempts, each with an event saying why
-    and who asked."""
+    and who asked; how many. A job of a study whose instances retention purged has nothing
+    left to run on: it stays as it is, and an event says so."""
+    purged = set(connection.execute(select(db.studies.c.study_uid).where(
+        db.studies.c.study_uid.in_({study_uid for _, study_uid in rows}),
+        db.studies.c.instances_purged_at.is_not(None))).scalars()) if rows else set()
+    queued = 0
     for job_id, study_uid in rows:
+        if study_uid in purged:
+            db.log_event(connection, study_uid, "warning", f"job {job_id} not {why}: the study's instances were "
+                         "purged (retention)", by.name, by.address)
+            continue
         connection.execute(
             update(db.jobs)
             .where(db.jobs.c.id == job_id)
             .values(state="queued", attempts=0, not_before=0.0, reason=None, finished_at=None)
         )
         db.log_event(connection, study_uid, "info", f"job {job_id} {why}", by.name, by.address)
+        queued += 1
+    return queued
 
 
 def finish(connection: Connection, job_id: int, study_uid: str, state: str, reason: str | None = None,

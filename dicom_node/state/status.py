@@ -6,6 +6,7 @@ from its jobs (queued, running, failed) and its deliveries (sending), else done.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class StudyView:
     instances: int
     jobs: list[JobView]
     reason: str | None = None  # why the study failed as a whole
+    purged: list[str] = field(default_factory=list)  # "instances purged 2026-12-02 18:30", by retention
 
 
 def study_state(stored_state: str, job_states: list[str], pending_deliveries: int, dead_letters: int = 0) -> str:
@@ -106,9 +108,15 @@ def collect(engine: Engine) -> list[StudyView]:
                     instance_count,
                     job_views,
                     study["reason"],
+                    [f"{part} purged {_when(study[f'{part}_purged_at'])}" for part in ("instances", "results")
+                     if study[f"{part}_purged_at"] is not None],
                 )
             )
     return views
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
 
 
 def render(views: list[StudyView], disabled: dict[str, str] | None = None) -> str:
@@ -124,6 +132,8 @@ def render(views: list[StudyView], disabled: dict[str, str] | None = None) -> st
         )
         if view.reason:
             lines.append(f"    {printable(view.reason)}")
+        if view.purged:
+            lines.append(f"    {', '.join(view.purged)} (retention)")
         if not view.jobs and view.state == "done":
             lines.append("    no pipeline matched")
         for job in view.jobs:

@@ -267,7 +267,8 @@ class Node:
 
 
 def write_node_config(workdir: Path, port: int, destinations: list[dict], pipelines: list[dict],
-                      http: dict | None = None, webhooks: list[dict] = (), **node) -> Path:
+                      http: dict | None = None, webhooks: list[dict] = (), retention: dict | None = None,
+                      **node) -> Path:
     """A TOML configuration, written by hand so the test exercises the operator's format. The
     HTTP server gets a free port unless ``http`` says otherwise, so that nodes of several tests
     (or two nodes of one) never contend for the default 8080."""
@@ -284,6 +285,8 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
     lines = ["[node]", f"port = {port}", f"data_dir = {value(str(workdir / 'data'))}"]
     lines += [f"{k} = {value(v)}" for k, v in node.items()]
     lines += ["", "[http]"] + [f"{k} = {value(v)}" for k, v in {"port": free_port(), **(http or {})}.items()]
+    if retention:
+        lines += ["", "[retention]"] + [f"{k} = {value(v)}" for k, v in retention.items()]
     for webhook in webhooks:
         lines += ["", "[[webhooks]]"] + [f"{k} = {value(v)}" for k, v in webhook.items()]
     for destination in destinations:
