@@ -71,28 +71,32 @@ def finished_studies(connection: Connection, only: str | None = None) -> list[Fi
     """Every finished study (or ``only`` that one, if it is), the longest finished first, in a
     few grouped queries."""
     jobs, results, deliveries, studies = db.jobs, db.results, db.deliveries, db.studies
-    busy = select(jobs.c.study_uid).where(jobs.c.state.in_(("queued", "running")))
-    undelivered = (select(jobs.c.study_uid).join(results, results.c.job_id == jobs.c.id)
-                   .join(deliveries, deliveries.c.result_id == results.c.id)
-                   .where(deliveries.c.state.in_(("pending", "dead"))))
-    job_end = (select(jobs.c.study_uid, func.max(jobs.c.finished_at).label("at"))
-               .group_by(jobs.c.study_uid).subquery())
-    sent = (select(jobs.c.study_uid, func.max(deliveries.c.sent_at).label("at"))
-            .join(results, results.c.job_id == jobs.c.id).join(deliveries, deliveries.c.result_id == results.c.id)
-            .group_by(jobs.c.study_uid).subquery())
-    sizes = (select(db.instances.c.study_uid, func.sum(db.instances.c.size).label("bytes"))
-             .group_by(db.instances.c.study_uid).subquery())
-    query = (
+
+    def of_study(query, column):
+        return query if only is None else query.where(column == only)
+
+    busy = of_study(select(jobs.c.study_uid).where(jobs.c.state.in_(("queued", "running"))), jobs.c.study_uid)
+    undelivered = of_study(select(jobs.c.study_uid).join(results, results.c.job_id == jobs.c.id)
+                           .join(deliveries, deliveries.c.result_id == results.c.id)
+                           .where(deliveries.c.state.in_(("pending", "dead"))), jobs.c.study_uid)
+    job_end = of_study(select(jobs.c.study_uid, func.max(jobs.c.finished_at).label("at")),
+                       jobs.c.study_uid).group_by(jobs.c.study_uid).subquery()
+    sent = of_study(select(jobs.c.study_uid, func.max(deliveries.c.sent_at).label("at"))
+                    .join(results, results.c.job_id == jobs.c.id)
+                    .join(deliveries, deliveries.c.result_id == results.c.id),
+                    jobs.c.study_uid).group_by(jobs.c.study_uid).subquery()
+    sizes = of_study(select(db.instances.c.study_uid, func.sum(db.instances.c.size).label("bytes")),
+                     db.instances.c.study_uid).group_by(db.instances.c.study_uid).subquery()
+    query = of_study(
         select(studies.c.study_uid, studies.c.last_received_at, studies.c.completed_at, job_end.c.at, sent.c.at,
                studies.c.instances_purged_at, studies.c.results_purged_at, sizes.c.bytes)
         .outerjoin(job_end, job_end.c.study_uid == studies.c.study_uid)
         .outerjoin(sent, sent.c.study_uid == studies.c.study_uid)
         .outerjoin(sizes, sizes.c.study_uid == studies.c.study_uid)
         .where(studies.c.state != "receiving", studies.c.study_uid.not_in(busy),
-               studies.c.study_uid.not_in(undelivered))
+               studies.c.study_uid.not_in(undelivered)),
+        studies.c.study_uid,
     )
-    if only is not None:
-        query = query.where(studies.c.study_uid == only)
     finished = [
         FinishedStudy(uid, max(t for t in (received, completed, job_at, sent_at) if t is not None),
                       instances_at is not None, results_at is not None, int(size or 0))
