@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools dcm2niix chromium fonts-liberation prometheus
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools dcm2niix chromium fonts-liberation prometheus postgresql
 CONFIG ?= deploy/example.toml
 
 .PHONY: install system-packages run test
@@ -20,7 +20,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 # Real peers for the tests: Orthanc as the PACS (with DICOMweb for the viewer), DCMTK as
-# modalities, dicom3tools to validate, Chromium to run the OHIF viewer.
+# modalities, dicom3tools to validate, Chromium to run the OHIF viewer, PostgreSQL for the
+# database tests on that backend (the tests make and remove their own cluster).
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("user", "token"):  # before the first start too: the database is made if need be
         return _accounts(args, db.connect(config.database_url))
     database = config.database_path
-    if not database.exists():
+    if config.embedded_database and not database.exists():
         print(f"dicom-node: no node database at {database}: is data_dir in {args.config} the node's? "
               "(`dicom-node serve` creates it)", file=sys.stderr)
         return 2

@@ -215,6 +215,16 @@ class Webhook(Strict):
     max_attempts: int = Field(10, ge=1, le=100, description="Tries (with backoff) before the event is dropped.")
 
 
+class DatabaseSettings(Strict):
+    """Where the node's state lives (docs/configuration.md#database)."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^(sqlite:///|postgres(ql)?://)")] | None = Field(
+        None,
+        description="postgresql://user@host:port/name for PostgreSQL (the password from PGPASSWORD or ~/.pgpass, "
+        "as libpq reads them, or in the URL); default: the embedded SQLite file in data_dir.",
+    )
+
+
 DAY_SECONDS = 86400.0
 Days = Annotated[float, Field(ge=0)] | Literal["forever"]
 
@@ -260,6 +270,7 @@ class Config(Strict):
     node: NodeSettings = Field(default_factory=NodeSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     destinations: list[Destination] = Field(default_factory=list)
     pipelines: list[Pipeline] = Field(default_factory=list)
     priorities: list[PriorityRule] = Field(default_factory=list)
@@ -310,12 +321,19 @@ class Config(Strict):
 
     @property
     def database_path(self) -> Path:
-        """The embedded database's file."""
+        """The SQLite database's file: in data_dir unless [database] names another."""
+        url = self.database.url
+        if url is not None and url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///"))
         return self.node.data_dir / "dicom-node.sqlite"
 
     @property
+    def embedded_database(self) -> bool:
+        return self.database.url is None or self.database.url.startswith("sqlite:///")
+
+    @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.database_path}"
+        return self.database.url or f"sqlite:///{self.database_path}"
 
 
 def _resolve(base: Path, path: Path) -> Path:

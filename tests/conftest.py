@@ -41,3 +41,21 @@ def old_monai(tmp_path_factory):
     from tests.support.old_monai import prepared_old_monai
 
     return prepared_old_monai(tmp_path_factory.mktemp("old-monai"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the run (`tests.support.postgres`); each test makes its database."""
+    from tests.support.postgres import PostgresCluster
+
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """The node's database as an operator names it in [database], on each backend in turn."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'data' / 'dicom-node.sqlite'}"
+    return request.getfixturevalue("postgres").database()

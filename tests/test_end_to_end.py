@@ -60,11 +60,13 @@ def study(tmp_path):
     return info, thin, thin_images, paths
 
 
-def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, study, artifacts):
+def test_pushed_study_comes_back_with_seg_and_sr(tmp_path, orthanc, node_port, study, artifacts, database_url):
+    """On each database backend: the embedded SQLite, and PostgreSQL ([database] url)."""
     info, phantom, thin_images, paths = study
     config = write_node_config(
         tmp_path / "node",
         node_port,
+        database_url=database_url,
         destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
         pipelines=[
             {"name": "ct-demo", "model": str(DEMO_BUNDLE), "destinations": ["pacs"], "select": {"Modality": "CT"},

@@ -71,9 +71,9 @@ def test_a_finished_study_is_purged_an_undelivered_one_kept_and_a_late_instance_
         node.stop()
 
 
-def test_a_study_whose_records_were_purged_is_received_again_as_a_new_one(tmp_path, node_port):
+def test_a_study_whose_records_were_purged_is_received_again_as_a_new_one(tmp_path, node_port, database_url):
     config = write_node_config(tmp_path / "node", node_port, destinations=[], pipelines=[], stable_after=1,
-                               min_free_disk_mb=0, retention=ALL_AT_ONCE)
+                               min_free_disk_mb=0, retention=ALL_AT_ONCE, database_url=database_url)
     info, paths = small_study(tmp_path / "study", slices=8)
     node = start_node(config, node_port)
     try:

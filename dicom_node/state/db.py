@@ -252,11 +252,20 @@ def unknown_studies(engine: Engine, study_uids: list[str]) -> list[str]:
     return [uid for uid in study_uids if uid not in known]
 
 
+def engine_url(url: str) -> str:
+    """The SQLAlchemy URL of a URL as operators write it: PostgreSQL through psycopg 3, the
+    driver the node ships, whatever the plain ``postgresql://`` would pick."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url.removeprefix(plain)
+    return url
+
+
 def connect(url: str) -> Engine:
     """An engine with the schema in place; safe to call from every process of the node."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    engine = create_engine(engine_url(url), future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

@@ -15,8 +15,8 @@ from tests.support.ct_study import StudyInfo, ct_series, make_phantom
 
 
 @pytest.fixture
-def engine(tmp_path):
-    engine = db.connect(f"sqlite:///{tmp_path / 'state.sqlite'}")
+def engine(tmp_path, database_url):
+    engine = db.connect(database_url)
     with engine.begin() as connection:
         for study in ("1.1", "1.2"):
             connection.execute(

@@ -24,8 +24,8 @@ def config_for(tmp_path, **policy) -> Config:
 
 
 @pytest.fixture
-def engine(tmp_path):
-    return db.connect(f"sqlite:///{tmp_path / 'data' / 'dicom-node.sqlite'}")
+def engine(tmp_path, database_url):
+    return db.connect(database_url)
 
 
 def add_study(engine, data_dir, uid: str, finished_days_ago: float, instances: int = 2, size: int = 1000,

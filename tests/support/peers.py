@@ -229,8 +229,19 @@ class Node:
         return load_config(self.config_path).node.data_dir
 
     def query(self, sql: str, *parameters) -> list[tuple]:
-        """Read the node's state as an operator's script would: straight from its database."""
-        database = self.data_dir / "dicom-node.sqlite"
+        """Read the node's state as an operator's script would: straight from its database
+        (``?`` marks the parameters, on either backend)."""
+        from dicom_node.config import load_config
+
+        config = load_config(self.config_path)
+        if not config.embedded_database:
+            import psycopg
+
+            with psycopg.connect(config.database_url) as connection:
+                if parameters:  # psycopg's placeholders are %s, and a literal % is %%
+                    return [tuple(r) for r in connection.execute(sql.replace("%", "%%").replace("?", "%s"), parameters)]
+                return [tuple(row) for row in connection.execute(sql)]
+        database = config.database_path
         if not database.exists():
             return []
         with sqlite3.connect(database, timeout=30) as connection:
@@ -268,7 +279,7 @@ class Node:
 
 def write_node_config(workdir: Path, port: int, destinations: list[dict], pipelines: list[dict],
                       http: dict | None = None, webhooks: list[dict] = (), retention: dict | None = None,
-                      **node) -> Path:
+                      database_url: str | None = None, **node) -> Path:
     """A TOML configuration, written by hand so the test exercises the operator's format. The
     HTTP server gets a free port unless ``http`` says otherwise, so that nodes of several tests
     (or two nodes of one) never contend for the default 8080."""
@@ -287,6 +298,8 @@ def write_node_config(workdir: Path, port: int, destinations: list[dict], pipeli
     lines += ["", "[http]"] + [f"{k} = {value(v)}" for k, v in {"port": free_port(), **(http or {})}.items()]
     if retention:
         lines += ["", "[retention]"] + [f"{k} = {value(v)}" for k, v in retention.items()]
+    if database_url and not database_url.startswith("sqlite:///"):
+        lines += ["", "[database]", f"url = {value(database_url)}"]
     for webhook in webhooks:
         lines += ["", "[[webhooks]]"] + [f"{k} = {value(v)}" for k, v in webhook.items()]
     for destination in destinations:
