@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("study", metavar="STUDY_UID", help="a stored study's Study Instance UID")
         if name == "purge":
             command.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    database = commands.add_parser("db", help="bring the node's database schema to this version",
+                                   description="upgrade: migrate the database named by the configuration to the "
+                                   "schema of this version of the node, in place (every start does it too).")
+    database.add_argument("action", choices=("upgrade",))
+    database.add_argument("--config", type=Path, required=True, help="the node's TOML configuration")
     user = commands.add_parser("user", help="add or remove a user of the dashboard and API",
                                description="Add a user (or change an existing one's role and password), or remove one. "
                                "The password is asked for, or read as one line from standard input.")
@@ -133,6 +138,25 @@ def _accounts(args, engine) -> int:
     return 0
 
 
+def _upgrade(config) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicom_node.state import db, migrate
+
+    try:
+        before, after = migrate.upgrade(db.engine_for(config.database_url))
+    except SQLAlchemyError as error:
+        print(f"dicom-node: cannot upgrade the database: {error}", file=sys.stderr)
+        return 1
+    if before is None:
+        print(f"database created at revision {after}")
+    elif before == after:
+        print(f"database already at revision {after}")
+    else:
+        print(f"database upgraded from revision {before} to {after}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging()
@@ -158,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.config)
     from dicom_node.state import db
 
+    if args.command == "db":
+        return _upgrade(config)
     if args.command in ("user", "token"):  # before the first start too: the database is made if need be
         return _accounts(args, db.connect(config.database_url))
     database = config.database_path

@@ -26,9 +26,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
     select,
 )
+
+from dicom_node.state import migrate
 
 metadata = MetaData()
 
@@ -261,49 +262,24 @@ def engine_url(url: str) -> str:
     return url
 
 
-def connect(url: str) -> Engine:
-    """An engine with the schema in place; safe to call from every process of the node."""
+def engine_for(url: str) -> Engine:
+    """An engine set up the node's way (on SQLite: WAL, the write lock taken up front), without
+    looking at its schema: for `dicom-node db upgrade`, which migrates it."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(engine_url(url), future=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
-    _create_missing_tables(engine)
-    _add_missing_columns(engine)
     return engine
 
 
-def _create_missing_tables(engine: Engine) -> None:
-    """The schema's tables, where they are missing. Looked at first without a transaction: on
-    SQLite the check would otherwise take the write lock, and `dicom-node status` wait behind
-    any writer."""
-    with reading(engine) as connection:
-        present = set(inspect(connection).get_table_names())
-    if not {table.name for table in metadata.sorted_tables} <= present:
-        metadata.create_all(engine, checkfirst=True)
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Columns added since a database was created, added to it in place (all nullable)."""
-    missing = []
-    with reading(engine) as connection:  # no lock taken for the usual answer: nothing is missing
-        inspector = inspect(connection)
-        for table in metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            missing += [(table, column) for column in table.columns if column.name not in present]
-    if not missing:
-        return  # the usual case: no write transaction, so every process of the node may call this
-    with engine.begin() as connection:
-        now_present = inspect(connection)  # again, under the write lock: another process may have won
-        for table, column in missing:
-            if column.name in {c["name"] for c in now_present.get_columns(table.name)}:
-                continue
-            if not column.nullable:
-                raise RuntimeError(f"{table.name}.{column.name} is new and required: the database "
-                                   "predates it and needs migrating by hand")
-            kind = column.type.compile(dialect=engine.dialect)
-            connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+def connect(url: str) -> Engine:
+    """An engine with the schema in place, at its newest revision (`state.migrate`); safe to
+    call from every process of the node."""
+    engine = engine_for(url)
+    migrate.upgrade(engine)
+    return engine
 
 
 def log_event(connection, study_uid: str | None, level: str, message: str, actor: str | None = None,
