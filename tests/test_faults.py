@@ -1,4 +1,5 @@
-"""Never lose a study: kill -9 at every stage, a PACS that goes away, many senders at once.
+"""Never lose a study: kill -9 at every stage (on SQLite and on PostgreSQL), a PACS that goes
+away, many senders at once.
 
 Every test runs the node as a separate process, sends with DCMTK and receives results in a real
 Orthanc, and judges only by what an operator could check: what was acknowledged, what is in
@@ -83,9 +84,9 @@ def job_states(node) -> list[str]:
     return [state for (state,) in node.query("SELECT state FROM jobs ORDER BY id")]
 
 
-def test_kill_while_receiving_loses_no_acknowledged_instance(tmp_path, orthanc, node_port):
+def test_kill_while_receiving_loses_no_acknowledged_instance(tmp_path, orthanc, node_port, database_url):
     info, paths = small_study(tmp_path / "study", slices=150)
-    config = node_config(tmp_path, node_port, orthanc)
+    config = node_config(tmp_path, node_port, orthanc, database_url=database_url)
     node = start_node(config, node_port)
     try:
         sender = subprocess.Popen(
@@ -137,10 +138,10 @@ def test_renames_and_index_rows_a_power_cut_took_are_redone_at_the_next_boot(tmp
         node.stop()
 
 
-def node_with_a_running_job(tmp_path, orthanc, node_port):
+def node_with_a_running_job(tmp_path, orthanc, node_port, database_url=None):
     """A node that has just started the job of a small study it received."""
     info, paths = small_study(tmp_path / "study")
-    config = node_config(tmp_path, node_port, orthanc)
+    config = node_config(tmp_path, node_port, orthanc, database_url=database_url)
     node = start_node(config, node_port)
     try:
         assert storescu("DICOMNODE", node_port, paths).returncode == 0
@@ -151,8 +152,8 @@ def node_with_a_running_job(tmp_path, orthanc, node_port):
     return info, config, node
 
 
-def test_kill_while_a_job_runs_resumes_it(tmp_path, orthanc, node_port):
-    info, config, node = node_with_a_running_job(tmp_path, orthanc, node_port)
+def test_kill_while_a_job_runs_resumes_it(tmp_path, orthanc, node_port, database_url):
+    info, config, node = node_with_a_running_job(tmp_path, orthanc, node_port, database_url)
     try:
         # As in a power cut: the worker dies with the node, nothing gets to release the job.
         [(worker,)] = node.query("SELECT worker FROM jobs")
@@ -167,7 +168,7 @@ def test_kill_while_a_job_runs_resumes_it(tmp_path, orthanc, node_port):
         node.stop()
 
 
-def test_kill_while_dispatching_delivers_once_after_restart(tmp_path, orthanc, node_port):
+def test_kill_while_dispatching_delivers_once_after_restart(tmp_path, orthanc, node_port, database_url):
     slow_port = free_port()
     received = tmp_path / "slow-pacs"
     received.mkdir()
@@ -180,6 +181,7 @@ def test_kill_while_dispatching_delivers_once_after_restart(tmp_path, orthanc, n
     config = node_config(
         tmp_path, node_port, orthanc,
         extra_destinations=[{"name": "slow", "ae_title": "SLOW", "host": "127.0.0.1", "port": slow_port}],
+        database_url=database_url,
     )
     node = start_node(config, node_port)
     try:
