@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from dicom_node.metrics_folder import use_folder
 
-        use_folder(config.node.data_dir)  # before anything imports prometheus_client (`metrics_folder`)
+        use_folder(config.node.data_dir, config.instance_name)  # before prometheus_client is imported
         from dicom_node.service import serve
 
         return serve(args.config)

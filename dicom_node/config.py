@@ -8,6 +8,7 @@ is started from.
 from __future__ import annotations
 
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,7 +32,11 @@ class NodeSettings(Strict):
     stable_after: float = Field(
         10.0, gt=0, description="Seconds without a new instance before a study counts as complete."
     )
-    workers: int = Field(1, ge=1, le=64, description="Inference worker processes started by `serve`.")
+    workers: int = Field(
+        1, ge=0, le=64,
+        description="Inference worker processes started by `serve`; 0 for a node that only receives and sends, "
+        "its jobs run by `dicom-node worker` on other hosts sharing its database.",
+    )
     receivers: int = Field(
         1, ge=0, le=64,
         description="Processes that receive in parallel, sharing the listening socket and max_associations. "
@@ -312,6 +317,13 @@ class Config(Strict):
         if pipeline.series_number is not None:
             return pipeline.series_number
         return 900 + 10 * self.pipelines.index(pipeline)
+
+    @property
+    def instance_name(self) -> str:
+        """This node among those that share a data_dir: its host and DICOM port. Names the
+        folders that are its own (files made ahead, metrics), which another node's start must
+        not empty."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{socket.gethostname()}-{self.node.port}")
 
     @property
     def purge_below_free_mb(self) -> float:

@@ -6,6 +6,12 @@ own rows: it is retried with exponential backoff (``retry_first_seconds`` doubli
 A result sent twice (a crash between sending and recording) is harmless: its SOP Instance UID
 is the same, and a PACS stores it once.
 
+Nodes that share one database each send what they claim: a dispatcher first moves the
+delivery's ``not_before`` past the time a send may take (`CLAIM_SECONDS`), on the condition that
+no other did so first, and records it as ``claimed_by`` itself. A node that dies with claims
+gets them back at its next start (`release_claims`); another node's dispatcher takes them once
+the claim has run out.
+
 Each delivery has its own outcome. One that no retry can change (the destination accepts no
 presentation context for the result's SOP class, or answers "SOP class not supported"; the
 result's file is gone) is dead-lettered: kept with its reason, shown by `status`, pending
@@ -38,6 +44,7 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # Success, and the warnings that still mean "stored" (PS3.4 B.2.3).
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # the destination will never take this SOP class
+CLAIM_SECONDS = 600.0  # a claimed delivery is another node's to send after this long
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,7 @@ def deliver_due(config: Config, engine: Engine, destination: Destination) -> int
             select(
                 db.deliveries.c.id,
                 db.deliveries.c.attempts,
+                db.deliveries.c.not_before,
                 db.results.c.path,
                 db.results.c.kind,
                 db.jobs.c.study_uid,
@@ -158,6 +166,7 @@ def deliver_due(config: Config, engine: Engine, destination: Destination) -> int
             )
             .order_by(db.deliveries.c.id)
         ).all()
+    rows = _claim(config, engine, rows)
     if not rows:
         return 0
     try:
@@ -184,5 +193,30 @@ def deliver_due(config: Config, engine: Engine, destination: Destination) -> int
                 values = {"attempts": attempts, "last_error": result.error, "not_before": db.now() + delay}
                 log.warning("delivery to %s failed (attempt %d, next in %.0f s): %s", destination.name, attempts,
                             delay, result.error)
-            connection.execute(update(db.deliveries).where(db.deliveries.c.id == row.id).values(**values))
+            connection.execute(update(db.deliveries).where(db.deliveries.c.id == row.id)
+                               .values(claimed_by=None, **values))
     return delivered
+
+
+def _claim(config: Config, engine: Engine, rows: list) -> list:
+    """Those of ``rows`` this node now holds: each taken only if its ``not_before`` is still
+    what this node read, so that of two dispatchers, on two nodes, one sends it."""
+    until = db.now() + CLAIM_SECONDS
+    with engine.begin() as connection:
+        return [row for row in rows if connection.execute(
+            update(db.deliveries)
+            .where(db.deliveries.c.id == row.id, db.deliveries.c.state == "pending",
+                   db.deliveries.c.not_before == row.not_before)
+            .values(not_before=until, claimed_by=config.instance_name)
+        ).rowcount]
+
+
+def release_claims(config: Config, engine: Engine) -> int:
+    """At start: the deliveries this node claimed and never recorded (it was killed while
+    sending) are due again at once."""
+    with engine.begin() as connection:
+        return connection.execute(
+            update(db.deliveries)
+            .where(db.deliveries.c.claimed_by == config.instance_name, db.deliveries.c.state == "pending")
+            .values(not_before=0.0, claimed_by=None)
+        ).rowcount

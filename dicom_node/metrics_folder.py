@@ -17,12 +17,13 @@ from pathlib import Path
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def use_folder(data_dir: Path) -> Path:
-    """Count in ``data_dir``/metrics from now on, in this process and those it starts."""
+def use_folder(data_dir: Path, instance: str) -> Path:
+    """Count in ``data_dir``/metrics/``instance`` from now on, in this process and those it
+    starts: a folder per node (`Config.instance_name`), as nodes may share a data_dir."""
     if "prometheus_client" in sys.modules and os.environ.get(MULTIPROCESS_ENV) is None:
         raise RuntimeError("prometheus_client was imported before the metrics folder was set: counters would "
                            "stay in one process")
-    folder = data_dir / "metrics"
+    folder = data_dir / "metrics" / instance
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)

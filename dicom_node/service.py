@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import update
 
 from dicom_node.config import Config, load_config
-from dicom_node.dispatch import deliver_due
+from dicom_node.dispatch import deliver_due, release_claims
 from dicom_node.doorbell import Bell, Ringer, doorbell
 from dicom_node.http import server as http_server
 from dicom_node.http import webhooks
@@ -143,11 +143,14 @@ def resume_after_restart(config: Config, engine) -> None:
     """Pick up where a stopped or killed node left off.
 
     Jobs held by processes of this host that are gone go back to the queue at once, instead of
-    waiting for their lease, and the result files they wrote but did not record are removed. Studies still receiving get a full quiet period from now: the PACS
+    waiting for their lease, and the result files they wrote but did not record are removed.
+    Deliveries this node was sending are due again at once. Studies still receiving get a full
+    quiet period from now: the PACS
     whose transfer was cut by the stop is given time to resend before the study counts as
     complete, so a half-received study is not processed.
     """
     pipeline_checks.forget(engine)  # the workers about to start check every bundle again
+    release_claims(config, engine)
     interrupted = jobs.release_dead_local_workers(engine, socket.gethostname(), _process_alive)
     remove_unrecorded_results(config, engine, interrupted)
     with engine.begin() as connection:

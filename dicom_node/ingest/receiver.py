@@ -126,7 +126,7 @@ class Receiver:
         # Index commits need not wait for the disk: the file is already there, and the rows a
         # power cut takes are rebuilt from it at the next start (`recovery`).
         self._connection = DriverConnection(engine, durable_commits=False)
-        self._files = files.IncomingFiles(files.incoming_folder(config.node.data_dir))
+        self._files = files.IncomingFiles(files.incoming_folder(config.node.data_dir, config.instance_name))
         self._instances = InstanceIndex(self._connection, config.node.late_arrivals)
         self._index = GroupCommit(self._connection.transaction, self._record)
         self._digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")

@@ -78,12 +78,13 @@ def reindex_after_boot(config: Config, engine: Engine, boot: str | None) -> int 
 
 def recover_incoming(config: Config, engine: Engine) -> int:
     """Rename into place, durably, and index the instances left in the incoming folder; remove
-    the files made ahead and never written, and writes cut short. Returns how many were kept."""
-    folder = files.incoming_folder(config.node.data_dir)
-    if not folder.is_dir():
-        return 0
+    the files made ahead and never written, and writes cut short. Returns how many were kept.
+    Only this node's folder, and the files that a node of an earlier version left directly in
+    the incoming folder: the folders of other nodes sharing the data_dir are theirs, in use."""
+    folder = files.incoming_folder(config.node.data_dir, config.instance_name)
+    left = [slot for place in (folder, folder.parent) if place.is_dir() for slot in place.iterdir() if slot.is_file()]
     placed = []
-    for slot in sorted(folder.iterdir(), key=_written_order):
+    for slot in sorted(left, key=_written_order):
         if slot.stat().st_size == 0:
             slot.unlink()
             continue

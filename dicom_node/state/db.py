@@ -132,6 +132,9 @@ deliveries = Table(
     Column("last_error", Text),
     Column("sent_at", Float),
     Column("announced_at", Float),  # when webhooks were told this delivery is dead
+    # The node (`Config.instance_name`) sending it now; its not_before is then the end of that
+    # claim, after which another node's dispatcher may take it (`dispatch.deliver_due`).
+    Column("claimed_by", String(128)),
     UniqueConstraint("result_id", "destination"),
     Index("ix_deliveries_state", "state", "not_before"),
 )

@@ -133,9 +133,11 @@ def purge_stamp(data_dir: Path) -> int:
         return 0
 
 
-def incoming_folder(data_dir: Path) -> Path:
-    """Where received instances are written before they are renamed into place."""
-    return data_dir / "incoming"
+def incoming_folder(data_dir: Path, instance: str) -> Path:
+    """Where the node ``instance`` (`Config.instance_name`) writes received instances before
+    they are renamed into place: a folder of its own, as nodes sharing a data_dir each recover
+    only what they left there."""
+    return data_dir / "incoming" / instance
 
 
 SLOT_SUFFIX = ".slot"

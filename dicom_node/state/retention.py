@@ -36,8 +36,11 @@ from dicom_node.state import db, files
 log = logging.getLogger(__name__)
 
 # A file written this long after its row was recorded is a late instance's (the same path,
-# written again), not the one the row names: a file is written just before its row.
+# written again), not the one the row names: a file is written just before its row...
 REWRITTEN_AFTER_SECONDS = 1.0
+# ...if it was written in the last minutes. A file server whose clock runs ahead of the node's
+# would otherwise make every file look rewritten, and retention keep them all.
+RECENT_SECONDS = 600.0
 Part = Literal["instances", "results", "records"]
 
 
@@ -147,7 +150,8 @@ def plan(config: Config, connection: Connection, now: float, free_mb: float) -> 
 
 def apply(config: Config, engine: Engine, purge: Purge, planned_at: float) -> Purged | None:
     """Carry out one purge made at ``planned_at``; None when the study is no longer finished
-    (a late instance, a rerun), and so is left whole."""
+    (a late instance, a rerun), and so is left whole, or when another node sharing the database
+    purged it at the same moment."""
     with db.reading(engine) as connection:
         if not finished_studies(connection, only=purge.study_uid):
             return None
@@ -157,24 +161,28 @@ def apply(config: Config, engine: Engine, purge: Purge, planned_at: float) -> Pu
     removed, freed = 0, 0
     # Results are never written again: each has UIDs, and so a path, of its own.
     for path, recorded_at in instances + [(path, float("inf")) for path in results]:
-        size = _remove_unless_rewritten(path, recorded_at + REWRITTEN_AFTER_SECONDS)
+        size = _remove_unless_rewritten(path, recorded_at + REWRITTEN_AFTER_SECONDS, planned_at - RECENT_SECONDS)
         if size is not None:
             removed, freed = removed + 1, freed + size
     for root in ("studies", "results") if purge.part == "records" else (
             ("studies",) if purge.part == "instances" else ("results",)):
         _remove_empty_folders(data_dir / root / purge.study_uid)
     megabytes = freed / 1e6
-    with engine.begin() as connection:
+    with engine.begin() as connection:  # recorded once, by the node whose purge got here first
         if purge.part == "records":
-            _delete_records(connection, purge.study_uid)
+            if not _delete_records(connection, purge.study_uid):
+                return None
             db.log_event(connection, None, "info", f"records of study {printable(purge.study_uid)} purged "
                                                    f"({removed} files, {megabytes:.1f} MB): {purge.why}")
         else:
+            column = db.studies.c[f"{purge.part}_purged_at"]
+            if not connection.execute(update(db.studies).where(db.studies.c.study_uid == purge.study_uid,
+                                                               column.is_(None))
+                                      .values({column.name: db.now()})).rowcount:
+                return None
             if purge.part == "instances":
                 connection.execute(delete(db.instances).where(db.instances.c.study_uid == purge.study_uid,
                                                               db.instances.c.received_at <= planned_at))
-            connection.execute(update(db.studies).where(db.studies.c.study_uid == purge.study_uid)
-                               .values({f"{purge.part}_purged_at": db.now()}))
             what = "received instances" if purge.part == "instances" else "result files"
             if removed:  # a study no pipeline took has no results: nothing to say
                 db.log_event(connection, purge.study_uid, "info",
@@ -228,12 +236,12 @@ def _bytes(paths: list[Path]) -> int:
     return total
 
 
-def _remove_unless_rewritten(path: Path, written_by: float) -> int | None:
-    """Remove ``path`` if it was last written by ``written_by``; its size, or None when it was
-    already gone or is a late instance's."""
+def _remove_unless_rewritten(path: Path, written_by: float, recent: float) -> int | None:
+    """Remove ``path`` unless it was written after ``written_by`` and after ``recent``; its
+    size, or None when it was already gone or is a late instance's."""
     try:
         state = path.stat()
-        if state.st_mtime > written_by:
+        if state.st_mtime > max(written_by, recent):
             log.info("%s was written during its study's purge: kept, as a late instance's", path)
             return None
         path.unlink()
@@ -251,8 +259,8 @@ def _remove_empty_folders(top: Path) -> None:
             os.rmdir(folder)
 
 
-def _delete_records(connection: Connection, study_uid: str) -> None:
-    """Every row of the study, those that point at others first."""
+def _delete_records(connection: Connection, study_uid: str) -> bool:
+    """Every row of the study, those that point at others first; False if it had none left."""
     job_ids = select(db.jobs.c.id).where(db.jobs.c.study_uid == study_uid)
     result_ids = select(db.results.c.id).where(db.results.c.job_id.in_(job_ids))
     connection.execute(delete(db.deliveries).where(db.deliveries.c.result_id.in_(result_ids)))
@@ -263,7 +271,7 @@ def _delete_records(connection: Connection, study_uid: str) -> None:
     connection.execute(delete(db.series).where(db.series.c.study_uid == study_uid))
     connection.execute(delete(db.events).where(db.events.c.study_uid == study_uid))
     connection.execute(delete(db.webhook_posts).where(db.webhook_posts.c.study_uid == study_uid))
-    connection.execute(delete(db.studies).where(db.studies.c.study_uid == study_uid))
+    return bool(connection.execute(delete(db.studies).where(db.studies.c.study_uid == study_uid)).rowcount)
 
 
 FREE_SPACE_LOOK_SECONDS = 2.0  # how often `serve` looks at free space between the policy's rounds

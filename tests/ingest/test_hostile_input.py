@@ -305,7 +305,7 @@ def test_an_instance_over_max_instance_mb_is_read_to_its_end_and_refused(node, r
     assert not indexed(node, uid)
     assert receiver_memory() < 16
     assert f"more than max_instance_mb = {MAX_INSTANCE_MB}" in node.log()
-    assert [p for p in (node.data_dir / "incoming").iterdir() if not p.name.endswith(".slot")] == []
+    assert [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file() and not p.name.endswith(".slot")] == []
 
 
 def test_a_deflate_bomb_is_refused_within_the_inflation_bound(node, receiver_memory):
@@ -455,7 +455,7 @@ def test_sigterm_lets_a_c_store_in_flight_finish_and_aborts_idle_associations(tm
         assert indexed(node, ds.SOPInstanceUID)
         [(path,)] = node.query("SELECT path FROM instances WHERE sop_instance_uid = ?", ds.SOPInstanceUID)
         assert pydicom.dcmread(path).PixelData == ds.PixelData
-        assert [p for p in (node.data_dir / "incoming").iterdir() if not p.name.endswith(".slot")] == []
+        assert [p for p in (node.data_dir / "incoming").rglob("*") if p.is_file() and not p.name.endswith(".slot")] == []
     finally:
         node.stop()
 

@@ -111,7 +111,7 @@ def test_the_receiver_commits_without_waiting_for_the_disk(node):
 def test_instances_left_in_the_incoming_folder_are_renamed_into_place_and_indexed(tmp_path, node, caplog):
     config, engine = node
     info, paths = small_study(tmp_path / "study", slices=3)
-    incoming = files.incoming_folder(config.node.data_dir)
+    incoming = files.incoming_folder(config.node.data_dir, config.instance_name)
     incoming.mkdir(parents=True)
     whole = incoming / "100-1.slot"  # flushed, its rename lost: the instance was acknowledged
     shutil.copyfile(paths[0], whole)
@@ -132,6 +132,23 @@ def test_instances_left_in_the_incoming_folder_are_renamed_into_place_and_indexe
     assert recover_incoming(config, engine) == 0
 
 
+def test_a_node_recovers_its_own_incoming_folder_and_an_earlier_versions_but_not_another_nodes(tmp_path, node):
+    """Nodes that share a data_dir each make files ahead in a folder of their own: another
+    node's start must leave them alone, as that node is writing into them."""
+    config, engine = node
+    _, paths = small_study(tmp_path / "study", slices=2)
+    incoming = files.incoming_folder(config.node.data_dir, config.instance_name)
+    incoming.mkdir(parents=True)
+    legacy = incoming.parent / "100-1.slot"  # left by a node of the version before these folders
+    shutil.copyfile(paths[0], legacy)
+    others = incoming.parent / "another-host-11112"
+    others.mkdir()
+    in_use = others / "200-1.slot"
+    shutil.copyfile(paths[1], in_use)
+    assert recover_incoming(config, engine) == 1
+    assert not legacy.exists() and in_use.read_bytes() == paths[1].read_bytes()
+
+
 def test_of_two_versions_left_in_the_incoming_folder_the_newer_wins(tmp_path, node):
     """``9-10.slot`` was made after ``9-9.slot``, and written after it: compared as text, the
     older would be indexed last and win."""
@@ -139,7 +156,7 @@ def test_of_two_versions_left_in_the_incoming_folder_the_newer_wins(tmp_path, no
     _, paths = small_study(tmp_path / "study", slices=1)
     older, newer = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[0])
     newer.PatientName = "Newer^Version"
-    incoming = files.incoming_folder(config.node.data_dir)
+    incoming = files.incoming_folder(config.node.data_dir, config.instance_name)
     incoming.mkdir(parents=True)
     older.save_as(incoming / "9-9.slot")
     newer.save_as(incoming / "9-10.slot")
