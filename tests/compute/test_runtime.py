@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import torch
 
 from dicom_node.compute.bundle import Bundle
 from dicom_node.compute.frames import read_frames
+from dicom_node.compute.runtime import client, wire
 from dicom_node.compute.runtime.client import RuntimeBundle, RuntimeExited
 from dicom_node.compute.volume import load_volume
 from dicom_node.compute.worker import classify_failure
@@ -67,11 +67,19 @@ def test_the_yaml_zoo_bundle_gives_the_same_labels_in_its_runtime_as_in_the_node
     assert {"preprocess", "network", "postprocess", "runtime_pipe"} <= in_runtime.timings.keys()
 
 
-def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one(old_monai, ct_volume):
+def test_a_runner_that_dies_is_told_as_such_and_the_next_volume_starts_a_new_one(old_monai, ct_volume,
+                                                                                  monkeypatch):
     bundle = RuntimeBundle(old_monai.bundle, "cpu", old_monai.runtime)
     try:
         first = bundle._process
-        threading.Timer(1.0, first.kill).start()  # in the middle of the volume's network run
+
+        def send_then_kill(stream, header, array=None):  # the runner dies with the volume in hand
+            wire.send(stream, header, array)
+            first.kill()
+            first.wait()
+            monkeypatch.setattr(client, "send", wire.send)
+
+        monkeypatch.setattr(client, "send", send_then_kill)
         with pytest.raises(RuntimeExited, match=r"ended \(exit code -9\) while predicting") as ended:
             bundle.predict(ct_volume)
         reason, permanent = classify_failure(ended.value, 1800)
