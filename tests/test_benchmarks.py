@@ -70,3 +70,15 @@ def test_the_purge_benchmark_purges_the_finished_studies_and_leaves_the_others()
     assert "80 files" in " ".join(rows["node: files, one study at a time"])  # 20 x (3 instances + 1 SEG)
     assert "20 studies" in " ".join(rows["node: rows"])
     assert "60 of 60 left in place" in result.stdout
+
+
+def test_the_database_benchmark_runs_on_both_backends():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "database.py"), "--small", "20", "--studies", "1", "--workers", "1",
+         "--repeat", "1"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("  ")[0]: line.split() for line in result.stdout.splitlines()}
+    for measure in ("ingest, images/s", "jobs/min, 1 worker(s)"):
+        assert float(rows[measure][-3]) > 0 and float(rows[measure][-2]) > 0, rows[measure]
