@@ -84,3 +84,29 @@ def test_a_peer_that_declines_the_stored_syntax_gets_a_converted_copy(tmp_path, 
         copy = received[str(sent.SOPInstanceUID)]
         assert copy.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
         assert copy.PixelData == sent.PixelData and copy.ImagePositionPatient == sent.ImagePositionPatient
+
+
+def test_of_two_nodes_that_read_the_same_due_delivery_one_sends_it_and_a_restart_frees_its_claims(database_url):
+    from sqlalchemy import select
+
+    from dicom_node.state import db
+
+    engine = db.connect(database_url)
+    with engine.begin() as connection:
+        connection.execute(db.studies.insert().values(study_uid="1.2", state="complete", first_received_at=1.0,
+                                                      last_received_at=2.0))
+        job = connection.execute(db.jobs.insert().values(study_uid="1.2", series_uid="1.2.1", pipeline="p",
+                                                         state="done", created_at=1.0)).inserted_primary_key[0]
+        result = connection.execute(db.results.insert().values(job_id=job, kind="SEG", sop_instance_uid="1.2.9",
+                                                               series_uid="1.2.8", path="/nowhere",
+                                                               created_at=1.0)).inserted_primary_key[0]
+        connection.execute(db.deliveries.insert().values(result_id=result, destination="pacs", state="pending",
+                                                         not_before=0.0))
+    with db.reading(engine) as connection:  # both nodes read it as due
+        due = connection.execute(select(db.deliveries.c.id, db.deliveries.c.not_before)).all()
+    first, second = (Config.model_validate({"node": {"port": port}}) for port in (11112, 11113))
+    assert [len(dispatch._claim(node, engine, due)) for node in (first, second)] == [1, 0]
+    assert dispatch.release_claims(second, engine) == 0, "not its claim"
+    assert dispatch.release_claims(first, engine) == 1
+    with db.reading(engine) as connection:
+        assert connection.execute(select(db.deliveries.c.not_before, db.deliveries.c.claimed_by)).one() == (0.0, None)

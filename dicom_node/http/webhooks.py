@@ -33,6 +33,7 @@ CURSOR = "webhooks"
 EVENTS_PER_ROUND = 1000
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 300.0
+CLAIM_SECONDS = 300.0  # a claimed post is another node's to send after this long (more than a timeout: 120 s)
 SIGNATURE_HEADER = "X-Dicom-Node-Signature"
 TIMESTAMP_HEADER = "X-Dicom-Node-Timestamp"
 
@@ -66,8 +67,11 @@ def announce(config: Config, engine: Engine) -> int:
     return queued
 
 
-def _announce_study(config: Config, connection, study_uid: str, state: str | None) -> int:
-    study = connection.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)).mappings().first()
+def _announce_study(config: Config, connection, study_uid: str, state: str | None, study=None) -> int:
+    """Queue the post for a study that ended in ``state``; ``study``, its row as read (read here
+    when not given)."""
+    if study is None:
+        study = connection.execute(select(db.studies).where(db.studies.c.study_uid == study_uid)).mappings().first()
     if study is None or state is None:
         return 0
     if state not in ("done", "failed"):
@@ -77,7 +81,12 @@ def _announce_study(config: Config, connection, study_uid: str, state: str | Non
         return 0
     if study["announced_state"] == state:
         return 0
-    connection.execute(update(db.studies).where(db.studies.c.study_uid == study_uid).values(announced_state=state))
+    # On the condition that it still holds what was read: of nodes that share the database and
+    # announce at the same moment, one queues the post.
+    if not connection.execute(update(db.studies).where(db.studies.c.study_uid == study_uid,
+                                                       _same(db.studies.c.announced_state, study["announced_state"]))
+                              .values(announced_state=state)).rowcount:
+        return 0
     jobs = connection.execute(
         select(db.jobs.c.id, db.jobs.c.pipeline, db.jobs.c.series_uid, db.jobs.c.state, db.jobs.c.reason)
         .where(db.jobs.c.study_uid == study_uid).order_by(db.jobs.c.id)).mappings().all()
@@ -99,10 +108,17 @@ def _announce_dead_deliveries(config: Config, connection, study_uids: set[str]) 
                db.jobs.c.study_uid.in_(study_uids))).mappings().all()
     queued = 0
     for row in dead:
-        connection.execute(update(db.deliveries).where(db.deliveries.c.id == row["id"]).values(announced_at=db.now()))
+        if not connection.execute(update(db.deliveries).where(db.deliveries.c.id == row["id"],
+                                                              db.deliveries.c.announced_at.is_(None))
+                                  .values(announced_at=db.now())).rowcount:
+            continue  # another node announced it
         payload = {"event": "delivery.dead", "study_uid": row["study_uid"], "delivery": dict(row)}
         queued += _queue(config, connection, "delivery.dead", row["study_uid"], payload)
     return queued
+
+
+def _same(column, value):
+    return column.is_(None) if value is None else column == value
 
 
 def _queue(config: Config, connection, event: str, study_uid: str, payload: dict) -> int:
@@ -125,7 +141,7 @@ def post_due(config: Config, engine: Engine) -> int:
             .order_by(db.webhook_posts.c.id).limit(100)).mappings().all()
     hooks = {hook.url: hook for hook in config.webhooks}
     sent = 0
-    for post in due:
+    for post in _claim(engine, due):
         hook = hooks.get(post["url"])
         error = "the webhook is no longer configured" if hook is None else _post(hook, post)
         with engine.begin() as connection:
@@ -146,6 +162,18 @@ def post_due(config: Config, engine: Engine) -> int:
                              f"webhook {post['event']} to {post['url']} given up after {attempts} attempt(s): {error}")
                 log.error("webhook %s to %s given up: %s", post["event"], post["url"], error)
     return sent
+
+
+def _claim(engine: Engine, due) -> list:
+    """The posts this node is to send: each taken by moving its not_before past the time a post
+    may take, on the condition that no other node sharing the database took it first. A node
+    that dies with a claim leaves the post to be sent once the claim runs out."""
+    until = db.now() + CLAIM_SECONDS
+    with engine.begin() as connection:
+        return [post for post in due if connection.execute(
+            update(db.webhook_posts).where(db.webhook_posts.c.id == post["id"], db.webhook_posts.c.state == "pending",
+                                           db.webhook_posts.c.not_before == post["not_before"])
+            .values(not_before=until)).rowcount]
 
 
 def _post(hook: Webhook, post) -> str | None:

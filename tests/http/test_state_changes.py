@@ -112,6 +112,26 @@ def test_a_post_that_fails_is_retried_with_backoff_then_given_up(engine):
     assert any("given up after 2 attempt(s)" in message for message in given_up)
 
 
+def test_of_two_nodes_that_read_the_same_due_post_and_the_same_ended_study_one_acts(tmp_path, database_url):
+    """Nodes sharing one database (PostgreSQL, or SQLite on one host) each run the webhook loops:
+    each compares and sets, so that what both read is queued and posted once."""
+    engine = db.connect(database_url)
+    with engine.begin() as connection:
+        connection.execute(db.studies.insert().values(study_uid=STUDY, state="complete", first_received_at=1.0,
+                                                      last_received_at=2.0))
+    hooks = config("study.done")
+    with db.reading(engine) as connection:  # both nodes read the study before either announces
+        seen = connection.execute(select(db.studies).where(db.studies.c.study_uid == STUDY)).mappings().one()
+    queued = []
+    for _ in range(2):
+        with engine.begin() as connection:
+            queued.append(webhooks._announce_study(hooks, connection, STUDY, "done", seen))
+    assert queued == [1, 0] and len(posts(engine)) == 1
+    with db.reading(engine) as connection:  # both read the post as due
+        due = connection.execute(select(db.webhook_posts)).mappings().all()
+    assert [len(webhooks._claim(engine, due)) for _ in range(2)] == [1, 0]
+
+
 def test_cancel_takes_a_queued_job_out_and_the_study_goes_on_without_it(engine):
     actions.cancel_job(engine, 1, OPERATOR)
     with db.reading(engine) as connection:
