@@ -8,6 +8,7 @@ escapes them, and the dashboard's templates escape them for HTML.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -179,7 +180,8 @@ def configuration(request: Request, _: Admin) -> dict:
 
 
 def public_config(config: Config) -> dict:
-    """The configuration as JSON, every value whose key names a secret replaced by ``"***"``."""
+    """The configuration as JSON, every value whose key names a secret replaced by ``"***"``,
+    and the password of a database URL too."""
 
     def hide(value):
         if isinstance(value, dict):
@@ -189,7 +191,10 @@ def public_config(config: Config) -> dict:
             return [hide(item) for item in value]
         return value
 
-    return hide(config.model_dump(mode="json", by_alias=True))
+    shown = hide(config.model_dump(mode="json", by_alias=True))
+    if shown["database"]["url"]:
+        shown["database"]["url"] = re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", shown["database"]["url"])
+    return shown
 
 
 @router.post("/rule-test", summary="Which pipelines would take the series of the uploaded DICOM files, and why")

@@ -156,6 +156,8 @@ def test_the_configuration_page_hides_secrets():
                                                                "secret": "do not show"}]}))
     assert shown["webhooks"][0]["secret"] == "***" and shown["webhooks"][0]["url"] == "https://chat.example/hook"
     assert "do not show" not in json.dumps(shown)
+    with_password = public_config(Config.model_validate({"database": {"url": "postgresql://node:s3cret@db:5432/n"}}))
+    assert with_password["database"]["url"] == "postgresql://node:***@db:5432/n"
 
 
 def test_a_form_sends_the_browser_back_only_to_this_server():
