@@ -61,6 +61,7 @@ class Purge:
     part: Part
     why: str
     finished_at: float
+    for_space: bool = False  # below the high-water mark, not at its time: skipped once there is room
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def plan(config: Config, connection: Connection, now: float, free_mb: float) -> 
             if free_mb >= mark:
                 return purges
             if not purged and (study.study_uid, part) not in planned:
-                purges.append(Purge(study.study_uid, part, why, study.finished_at))
+                purges.append(Purge(study.study_uid, part, why, study.finished_at, for_space=True))
                 freed = study.instance_bytes if part == "instances" else _bytes(_result_paths(connection,
                                                                                               study.study_uid))
                 free_mb += freed / 1e6
@@ -205,7 +206,7 @@ def run(config: Config, engine: Engine, dry_run: bool = False) -> list[Purged | 
     done: list[Purged | Purge] = []
     mark = config.purge_below_free_mb
     for purge in purges:
-        if purge.why.startswith("free space") and files.free_mb(data_dir) >= mark:
+        if purge.for_space and files.free_mb(data_dir) >= mark:
             continue  # what was purged before it freed enough
         outcome = apply(config, engine, purge, planned_at)
         if outcome is not None:
