@@ -57,12 +57,13 @@ def write_ct(folder: Path, slices: int, size: int, series_description: str = "be
     return paths
 
 
-def send(ae_title: str, port: int, paths: list[Path], associations: int) -> float:
-    """Seconds for ``associations`` concurrent storescu processes to send ``paths`` between them."""
+def send(ae_title: str, port: int, paths: list[Path], associations: int, options: Collection[str] = ()) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send ``paths`` between them
+    (with storescu's ``options``: TLS, say)."""
     chunks = [chunk for chunk in (paths[i::associations] for i in range(associations)) if chunk]
     started = time.perf_counter()
     senders = [
-        subprocess.Popen(["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, chunk)],
+        subprocess.Popen(["storescu", *options, "-aec", ae_title, "127.0.0.1", str(port), *map(str, chunk)],
                          env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for chunk in chunks
     ]

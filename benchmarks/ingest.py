@@ -55,6 +55,8 @@ from common import (
     write_node_config,
 )
 
+from tests.support.certificates import CertificateAuthority
+
 POLL_SECONDS = 1.0
 
 
@@ -66,12 +68,13 @@ class Received:
     beside_mb: float  # of the processes that do not receive (the node's idle worker), at most
 
 
-def receive(pid: int, ae_title: str, port: int, paths, associations: int, beside: Collection[int] = ()) -> Received:
+def receive(pid: int, ae_title: str, port: int, paths, associations: int, beside: Collection[int] = (),
+            options: Collection[str] = ()) -> Received:
     """Send ``paths`` to the receiver whose process is ``pid``, and what that took. Processes in
-    ``beside`` take no part in receiving; their memory is measured apart."""
+    ``beside`` take no part in receiving; their memory is measured apart. ``options``: storescu's."""
     before = cpu_seconds(pid)
     with PeakMemory(pid) as memory:
-        seconds = send(ae_title, port, paths, associations)
+        seconds = send(ae_title, port, paths, associations, options)
     return Received(seconds, cpu_seconds(pid) - before, memory.peak_mb(leave_out=beside), memory.peak_mb_of(beside))
 
 
@@ -124,27 +127,38 @@ class DashboardWatcher:
         self.thread.join()
 
 
-def run_node(workdir: Path, paths, associations: int, http: bool = True) -> Received:
+def run_node(workdir: Path, paths, associations: int, http: bool = True, tls: bool = False) -> Received:
     """The node as `make run` starts it: HTTP on, and an operator watching the dashboard (or,
-    with ``http=False``, the HTTP surface turned off, for the ratio between the two)."""
+    with ``http=False``, the HTTP surface turned off, for the ratio between the two); with
+    ``tls``, sent to over DICOM TLS with client certificates (storescu's BCP 195 profile)."""
     port = free_port()
+    tls_settings, options = None, ()
+    if tls:
+        hospital = CertificateAuthority(workdir / "pki", "hospital")
+        node_identity, modality = hospital.issue("node"), hospital.issue("modality")
+        tls_settings = {"port": free_port(), "certificate": str(node_identity.certificate),
+                        "private_key": str(node_identity.private_key), "ca": str(hospital.path),
+                        "require_client_certificate": True}
+        options = ("+tls", str(modality.private_key), str(modality.certificate), "-pw", "+cf", str(hospital.path))
     config = write_node_config(workdir / "node", port, destinations=[], pipelines=[], stable_after=600,
-                               http={"enabled": http})
+                               http={"enabled": http}, **({"tls": tls_settings} if tls else {}))
     node = start_node(config, port)
+    if tls:
+        port = tls_settings["port"]
     try:
         # Measure the receiver, not the worker importing PyTorch beside it at start-up.
         workers = wait_for(node.ready_workers, 120, "the node's worker")
         if not http:
-            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
+            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers, options=options)
         node.wait_for_http()
         with DashboardWatcher(node.http_url):
-            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers)
+            return receive(node.process.pid, node.ae_title, port, paths, associations, beside=workers, options=options)
     finally:
         node.stop()
 
 
 RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "dicom-node": run_node,
-             "dicom-node-no-http": partial(run_node, http=False)}
+             "dicom-node-no-http": partial(run_node, http=False), "dicom-node-tls": partial(run_node, tls=True)}
 
 
 def spread(values, style: str = "{:.0f}") -> str:
@@ -195,13 +209,14 @@ def main() -> int:
                         beside.append(f"{payload}, {associations} association(s): "
                                       f"{statistics.median(run[name].beside_mb for run in runs):.0f} MB")
                 if "dicom-node" in names:
-                    for peer in ("orthanc", "storescp", "dicom-node-no-http"):
+                    for peer in ("orthanc", "storescp", "dicom-node-no-http", "dicom-node-tls"):
                         if peer in names:
                             paired = [run[peer].seconds / run["dicom-node"].seconds for run in runs]
                             cpu_paired = [run["dicom-node"].cpu_seconds / run[peer].cpu_seconds
                                           for run in runs]
-                            ratios.append([payload, associations, f"node / {peer}" if peer != "dicom-node-no-http"
-                                           else "node, dashboard polled / HTTP off",
+                            ratios.append([payload, associations, {
+                                "dicom-node-no-http": "node, dashboard polled / HTTP off",
+                                "dicom-node-tls": "node, plain / over TLS"}.get(peer, f"node / {peer}"),
                                            f"{statistics.median(paired):.2f}", spread(paired, "{:.2f}"),
                                            f"{statistics.median(cpu_paired):.2f}"])
     print(f"median of {args.repeat} run(s); CPU: all the receiver's processes, while receiving; "

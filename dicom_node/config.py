@@ -24,10 +24,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TlsListener(Strict):
+    """DICOM over TLS (PS3.15 Annex B, the BCP 195 profile): a listener of its own beside the plain one."""
+
+    port: int = Field(2762, ge=1, le=65535, description="The TLS listener's port (2762 is DICOM's registered one).")
+    certificate: Path = Field(description="The node's certificate (PEM), with its chain.")
+    private_key: Path = Field(description="Its private key (PEM, unencrypted).")
+    ca: Path | None = Field(None, description="CA certificates (PEM) that peers' certificates are verified against.")
+    require_client_certificate: bool = Field(
+        False, description="Refuse peers that present no certificate signed by `ca` (mutual TLS)."
+    )
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TlsListener:
+        if self.require_client_certificate and self.ca is None:
+            raise ValueError("require_client_certificate needs `ca`, the certificates clients are verified against")
+        return self
+
+
 class NodeSettings(Strict):
     ae_title: AETitle = Field("DICOMNODE", description="The AE title the PACS is configured with.")
     host: str = Field("0.0.0.0", description="Address the DICOM listener binds to.")
     port: int = Field(11112, ge=1, le=65535, description="DICOM listener port.")
+    plain: bool = Field(True, description="Serve plain DICOM on `port`; false with [node.tls] for TLS only.")
+    tls: TlsListener | None = Field(None, description="A DICOM TLS listener ([node.tls]).")
     data_dir: Path = Field(Path("var"), description="Received files, results and the SQLite database.")
     stable_after: float = Field(
         10.0, gt=0, description="Seconds without a new instance before a study counts as complete."
@@ -92,6 +112,10 @@ class Destination(Strict):
     ae_title: AETitle = Field(description="Called AE title of the destination's SCP.")
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool = Field(False, description="DICOM over TLS; the destination's certificate is verified against `ca`.")
+    ca: Path | None = Field(None, description="CA certificates (PEM) for the destination's; default: the system's.")
+    certificate: Path | None = Field(None, description="The node's certificate (PEM), for a destination that asks.")
+    private_key: Path | None = Field(None, description="Its private key (PEM).")
     retry_first_seconds: float = Field(2.0, gt=0, description="Wait after the first failed delivery.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between delivery attempts.")
 
@@ -283,6 +307,15 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
+        if not self.node.plain and self.node.tls is None:
+            raise ValueError("node.plain = false leaves no listener: configure [node.tls]")
+        if self.node.tls is not None and self.node.plain and self.node.tls.port == self.node.port:
+            raise ValueError(f"node.port and node.tls.port are both {self.node.port}")
+        for destination in self.destinations:
+            if (destination.certificate is None) != (destination.private_key is None):
+                raise ValueError(f"destination {destination.name!r}: certificate and private_key go together")
+            if not destination.tls and (destination.ca or destination.certificate):
+                raise ValueError(f"destination {destination.name!r}: ca, certificate and private_key need tls = true")
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique, got {names}")
@@ -358,11 +391,19 @@ def load_config(path: Path) -> Config:
         raw = tomllib.load(handle)
     config = Config.model_validate(raw)
     base = path.resolve().parent
-    node = config.node.model_copy(update={"data_dir": _resolve(base, config.node.data_dir)})
+    tls = config.node.tls
+    if tls is not None:
+        tls = tls.model_copy(update={"certificate": _resolve(base, tls.certificate),
+                                     "private_key": _resolve(base, tls.private_key),
+                                     "ca": _resolve(base, tls.ca) if tls.ca else None})
+    node = config.node.model_copy(update={"data_dir": _resolve(base, config.node.data_dir), "tls": tls})
+    destinations = [d.model_copy(update={key: _resolve(base, getattr(d, key)) for key in ("ca", "certificate",
+                                                                                          "private_key")
+                                          if getattr(d, key) is not None}) for d in config.destinations]
     pipelines = [
         p.model_copy(
             update={"model": _resolve(base, p.model), "segments": _resolve(base, p.segments) if p.segments else None}
         )
         for p in config.pipelines
     ]
-    return config.model_copy(update={"node": node, "pipelines": pipelines})
+    return config.model_copy(update={"node": node, "pipelines": pipelines, "destinations": destinations})

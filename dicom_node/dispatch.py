@@ -32,6 +32,7 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import Engine, select, update
 
+from dicom_node import tls
 from dicom_node.config import Config, Destination
 from dicom_node.state import db
 
@@ -96,7 +97,8 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
     ae = AE(ae_title=config.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.requested_contexts = _contexts(metas)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    secure = (tls.client_context(destination), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=secure)
     # A peer that rejects every proposed context is answered with an abort by pynetdicom: its
     # answer still says which SOP classes it does not take, and those will never go.
     answered = assoc.is_established or (assoc.is_aborted and bool(assoc.rejected_contexts))

@@ -19,6 +19,7 @@ import multiprocessing.synchronize
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import update
 
+from dicom_node import tls
 from dicom_node.config import Config, load_config
 from dicom_node.dispatch import deliver_due, release_claims
 from dicom_node.doorbell import Bell, Ringer, doorbell
@@ -54,8 +56,8 @@ WORKER_GRACE_SECONDS = 10.0
 PORT_WAIT_SECONDS = SHUTDOWN_GRACE_SECONDS + 5
 
 
-def receiver_process(config_path: Path, listening: socket.socket, max_associations: int, parent: int,
-                     ready: multiprocessing.synchronize.Event) -> None:
+def receiver_process(config_path: Path, listening: list[tuple[socket.socket, bool]], max_associations: int,
+                     parent: int, ready: multiprocessing.synchronize.Event) -> None:
     """Entry point of a receiver process: serves the shared socket until SIGTERM, then lets the
     C-STOREs in flight finish (see Receiver.stop). Sets ``ready`` once it serves."""
 
@@ -189,12 +191,37 @@ def _listen_when_free(host: str, port: int) -> socket.socket:
             time.sleep(0.5)
 
 
+def _listen(config: Config) -> list[tuple[socket.socket, bool]] | None:
+    """The DICOM listeners, each with whether it is the TLS one: plain on ``port`` (unless
+    ``plain = false``), TLS on ``tls.port``; None, logged, when one cannot be had, or when the
+    TLS listener's certificate or key cannot be loaded (found at start, not at the first peer)."""
+    node = config.node
+    wanted = ([(node.port, False)] if node.plain else []) + ([(node.tls.port, True)] if node.tls else [])
+    if node.tls is not None:
+        try:
+            tls.server_context(node.tls)
+        except (OSError, ssl.SSLError) as error:
+            log.error("cannot use the TLS certificate %s and key %s ([node.tls]): %s", node.tls.certificate,
+                      node.tls.private_key, error)
+            return None
+    listening: list[tuple[socket.socket, bool]] = []
+    for port, is_tls in wanted:
+        try:
+            listening.append((_listen_when_free(node.host, port), is_tls))
+        except OSError as error:
+            log.error("cannot listen on %s:%d: %s", node.host, port, error)
+            for sock, _ in listening:
+                sock.close()
+            return None
+    return listening
+
+
 class Supervisor:
     """The process tree of `dicom-node serve`: receivers and workers started, watched and
     restarted, the completion, dispatch and retention loops in threads, and the order things stop in.
     Each step is a method, so that a test can drive one in-process."""
 
-    def __init__(self, config_path: Path, config: Config, engine, listening: socket.socket) -> None:
+    def __init__(self, config_path: Path, config: Config, engine, listening: list[tuple[socket.socket, bool]]) -> None:
         self.config_path = config_path
         self.config = config
         self.engine = engine
@@ -266,7 +293,7 @@ class Supervisor:
 
     def listener_serving(self) -> bool:
         """The DICOM port is open and at least one receiver serves it."""
-        return self.listening.fileno() != -1 and self.receivers_alive() > 0
+        return all(sock.fileno() != -1 for sock, _ in self.listening) and self.receivers_alive() > 0
 
     def receivers_alive(self) -> int:
         return sum(process.is_alive() for process in self.receivers)
@@ -303,7 +330,8 @@ class Supervisor:
             process.join(timeout=SHUTDOWN_GRACE_SECONDS + 5)
             if process.is_alive():
                 process.kill()
-        self.listening.close()
+        for sock, _ in self.listening:
+            sock.close()
         for process in self.workers:
             process.terminate()
         for process in self.workers:
@@ -325,10 +353,8 @@ def serve(config_path: Path) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    try:  # first: a second node on this port stops here, before touching the database
-        listening = _listen_when_free(config.node.host, config.node.port)
-    except OSError as error:
-        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, error)
+    listening = _listen(config)  # first: a second node on this port stops here, before touching the database
+    if listening is None:
         return 1
     http_listening = None
     if config.http.enabled:
@@ -337,7 +363,8 @@ def serve(config_path: Path) -> int:
         except OSError as error:
             log.error("cannot serve HTTP on %s:%d: %s ([http] in the configuration)", config.http.host,
                       config.http.port, error)
-            listening.close()
+            for sock, _ in listening:
+                sock.close()
             return 1
     engine = db.connect(config.database_url)
     # Before any receiver runs: instances whose rename or index rows a crash took are put back.
@@ -346,8 +373,10 @@ def serve(config_path: Path) -> int:
     supervisor = Supervisor(config_path, config, engine, listening)
     if not supervisor.start_receivers():
         return 1
-    log.info("listening as %s on %s:%d with %d receiver process(es)", config.node.ae_title, config.node.host,
-             config.node.port, len(supervisor.receivers))
+    ports = " and ".join(f"{config.node.host}:{sock.getsockname()[1]}{' (TLS)' if is_tls else ''}"
+                         for sock, is_tls in listening)
+    log.info("listening as %s on %s with %d receiver process(es)", config.node.ae_title, ports,
+             len(supervisor.receivers))
     # Only now: studies still arriving when the node stopped get their quiet period from the
     # moment the node can receive again, not from before its receivers were up.
     resume_after_restart(config, engine)

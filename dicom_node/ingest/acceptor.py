@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +84,7 @@ class _Association:
     connection: socket.socket
     address: str
     port: int
+    tls: ssl.SSLContext | None = None  # the listener's: its handshake comes first, in the association's thread
     connected_at: float = field(default_factory=time.monotonic)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     reader: protocol.PduReader = field(init=False)
@@ -127,7 +129,8 @@ class Acceptor:
         self._cut_off = threading.Event()  # the stop's grace is over
         self._accept_thread: threading.Thread | None = None
 
-    def start(self, listening: socket.socket) -> None:
+    def start(self, listening: list[tuple[socket.socket, ssl.SSLContext | None]]) -> None:
+        """Accept on every socket of ``listening``; those with a TLS context are TLS listeners."""
         self._accept_thread = threading.Thread(target=self._accept_loop, args=(listening,),
                                                name="accept", daemon=True)
         self._accept_thread.start()
@@ -167,40 +170,44 @@ class Acceptor:
         except OSError:
             pass
 
-    def _accept_loop(self, listening: socket.socket) -> None:
+    def _accept_loop(self, listening: list[tuple[socket.socket, ssl.SSLContext | None]]) -> None:
+        contexts = dict(listening)
         while not self._stopping.is_set():
-            readable, _, _ = select.select([listening], [], [], ACCEPT_POLL_SECONDS)
-            if not readable:
-                continue
-            try:
-                connection, address = listening.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # another receiver process took this connection
-            except OSError as error:
-                log.error("accepting a connection failed: %s", error)
-                continue
-            if not self._peer_allowed(address[0]):
-                log.warning("refused a connection from %s: address not in allowed_peers", address[0])
-                metrics.count_association(accepted=False)
-                connection.close()
-                continue
-            association = _Association(connection, address[0], address[1])
-            with self._lock:
-                full = len(self._connections) >= self.policy.max_connections
-                if not full:
-                    self._connections.add(association)
-            if full:
-                log.warning("closed a connection from %s at once: already %d connections (max_associations = %d "
-                            "and %d more negotiating)", association.peer, self.policy.max_connections,
-                            self.policy.max_associations, NEGOTIATING_CONNECTIONS)
-                metrics.count_association(accepted=False)
-                connection.close()
-                continue
-            connection.setblocking(True)
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            association.thread = threading.Thread(target=self._serve, args=(association,),
-                                                  name=f"association {association.peer}", daemon=True)
-            association.thread.start()
+            readable, _, _ = select.select(list(contexts), [], [], ACCEPT_POLL_SECONDS)
+            for ready in readable:
+                self._accept(ready, contexts[ready])
+
+    def _accept(self, listening: socket.socket, tls: ssl.SSLContext | None) -> None:
+        """Take one connection, if this process wins it, and serve it in a thread of its own."""
+        try:
+            connection, address = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another receiver process took this connection
+        except OSError as error:
+            log.error("accepting a connection failed: %s", error)
+            return
+        if not self._peer_allowed(address[0]):
+            log.warning("refused a connection from %s: address not in allowed_peers", address[0])
+            metrics.count_association(accepted=False)
+            connection.close()
+            return
+        association = _Association(connection, address[0], address[1], tls)
+        with self._lock:
+            full = len(self._connections) >= self.policy.max_connections
+            if not full:
+                self._connections.add(association)
+        if full:
+            log.warning("closed a connection from %s at once: already %d connections (max_associations = %d "
+                        "and %d more negotiating)", association.peer, self.policy.max_connections,
+                        self.policy.max_associations, NEGOTIATING_CONNECTIONS)
+            metrics.count_association(accepted=False)
+            connection.close()
+            return
+        connection.setblocking(True)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        association.thread = threading.Thread(target=self._serve, args=(association,),
+                                              name=f"association {association.peer}", daemon=True)
+        association.thread.start()
 
     def _peer_allowed(self, address: str) -> bool:
         if not self.policy.allowed_peers:
@@ -211,6 +218,11 @@ class Acceptor:
     def _serve(self, association: _Association) -> None:
         connection = association.connection
         try:
+            if association.tls is not None:
+                secured = self._handshake(association)
+                if secured is None:
+                    return
+                connection = secured
             association.reader.set_silence(self.policy.acse_timeout)
             try:
                 negotiated = self._negotiate(association)
@@ -245,6 +257,25 @@ class Acceptor:
                 self._associations.discard(association)
                 self._connections.discard(association)
                 self._lock.notify_all()
+
+    def _handshake(self, association: _Association) -> ssl.SSLSocket | None:
+        """The TLS handshake, within the ARTIM time (``acse_timeout``) as the request that
+        follows it; None, logged with the peer's address, when it fails: a peer without a valid
+        certificate where one is required, another protocol, a TLS version below 1.2."""
+        raw = association.connection
+        raw.settimeout(self.policy.acse_timeout)
+        try:
+            secured = association.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            log.warning("refused a TLS connection from %s: %s", association.peer,
+                        getattr(error, "reason", None) or error)
+            metrics.count_association(accepted=False)
+            raw.close()
+            return None
+        secured.settimeout(None)  # from here on, the kernel's timeouts (`protocol.set_timeout`)
+        association.connection = secured
+        association.reader = protocol.PduReader(secured)
+        return secured
 
     def _forget(self, association: _Association) -> None:
         with self._lock:

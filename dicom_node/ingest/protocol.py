@@ -10,6 +10,7 @@ Association negotiation happens once per association and stays with pynetdicom's
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -174,7 +175,7 @@ class PduReader:
                 self._shortened = True
         try:
             received = self.connection.recv_into(into)
-        except BlockingIOError as error:  # the kernel's timeout (`set_timeout`)
+        except (BlockingIOError, ssl.SSLWantReadError) as error:  # the kernel's timeout (`set_timeout`)
             if self._shortened:
                 raise TimeoutError("a PDU was not complete by its deadline: the peer sends too slowly") from error
             raise TimeoutError(f"nothing received for {self._timeout():.0f} s") from error

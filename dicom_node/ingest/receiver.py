@@ -34,7 +34,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
 
-from dicom_node import metrics
+from dicom_node import metrics, tls
 from dicom_node.config import Config
 from dicom_node.ingest.acceptor import Acceptor, StoreRequest
 from dicom_node.ingest.driver_connection import DriverConnection
@@ -287,11 +287,12 @@ class Receiver:
         header, instance = indexed
         return self._instances.record(cursor, header, instance)
 
-    def start(self, listening: socket.socket, max_associations: int) -> Acceptor:
-        """Serve on ``listening`` in background threads until :meth:`stop`.
+    def start(self, listening: list[tuple[socket.socket, bool]], max_associations: int) -> Acceptor:
+        """Serve on the sockets of ``listening`` (each with whether it is the TLS listener) in
+        background threads until :meth:`stop`.
 
-        The socket is shared with the node's other receiver processes; this one takes up to
-        ``max_associations`` of the node's associations.
+        The sockets are shared with the node's other receiver processes; this one takes up to
+        ``max_associations`` of the node's associations, on all of them together.
         """
         node = self.config.node
         policy = Policy(
@@ -306,7 +307,8 @@ class Receiver:
         contexts = [_context(sop_class) for sop_class in [Verification, *storage_sop_classes()]]
         log.info("receiver process %d serving up to %d associations", os.getpid(), max_associations)
         self.acceptor = Acceptor(policy, contexts, self.begin_store)
-        self.acceptor.start(listening)
+        secure = tls.server_context(node.tls) if node.tls is not None else None
+        self.acceptor.start([(sock, secure if is_tls else None) for sock, is_tls in listening])
         return self.acceptor
 
     def stop(self) -> None:

@@ -127,9 +127,11 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # De
 
 
 def start_orthanc(
-    workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC", dicomweb: bool = False
+    workdir: Path, modalities: dict[str, list], ae_title: str = "ORTHANC", dicomweb: bool = False,
+    settings: dict | None = None,
 ) -> Orthanc:
-    """A fresh Orthanc; with ``dicomweb``, its DICOMweb plugin serves ``/dicom-web/`` (for viewers)."""
+    """A fresh Orthanc; with ``dicomweb``, its DICOMweb plugin serves ``/dicom-web/`` (for viewers);
+    ``settings``, more of Orthanc's configuration (DICOM TLS, say)."""
     if shutil.which("Orthanc") is None:
         raise RuntimeError("Orthanc is not installed: run `make test`, which installs the system packages")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +156,7 @@ def start_orthanc(
         config["Plugins"] = [str(DICOMWEB_PLUGIN)]
         config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full",
                               "SeriesMetadata": "Full"}
+    config.update(settings or {})
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
