@@ -109,13 +109,42 @@ class NodeSettings(Strict):
 
 class Destination(Strict):
     name: str = Field(description="Name pipelines use to refer to this destination.")
-    ae_title: AETitle = Field(description="Called AE title of the destination's SCP.")
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dimse", "dicomweb"] = Field(
+        "dimse", description="'dimse': C-STORE to ae_title@host:port; 'dicomweb': STOW-RS to url."
+    )
+    ae_title: AETitle | None = Field(None, description="Called AE title of the destination's SCP (dimse).")
+    host: str | None = Field(None, description="The SCP's host (dimse).")
+    port: int | None = Field(None, ge=1, le=65535, description="The SCP's port (dimse).")
+    url: Annotated[str, StringConstraints(pattern=r"^https?://")] | None = Field(
+        None, description="The DICOMweb service's base (dicomweb): instances are POSTed to url/studies."
+    )
+    username: str | None = Field(None, description="HTTP basic authentication (dicomweb), with password.")
+    password: str | None = Field(None, description="The basic authentication's password.")
+    token: str | None = Field(None, description="A bearer token (dicomweb), sent as 'Authorization: Bearer'.")
     tls: bool = Field(False, description="DICOM over TLS; the destination's certificate is verified against `ca`.")
     ca: Path | None = Field(None, description="CA certificates (PEM) for the destination's; default: the system's.")
     certificate: Path | None = Field(None, description="The node's certificate (PEM), for a destination that asks.")
     private_key: Path | None = Field(None, description="Its private key (PEM).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.type == "dimse":
+            if None in (self.ae_title, self.host, self.port) or self.url is not None:
+                raise ValueError(f"destination {self.name!r}: a DIMSE destination has ae_title, host and port, no url")
+            if self.username or self.token:
+                raise ValueError(f"destination {self.name!r}: username, password and token are for dicomweb")
+        else:
+            if self.url is None or self.ae_title or self.host or self.port or self.tls:
+                raise ValueError(f"destination {self.name!r}: a dicomweb destination has a url (https:// for TLS), "
+                                 "no ae_title, host, port or tls")
+            if (self.username is None) != (self.password is None) or (self.username and self.token):
+                raise ValueError(f"destination {self.name!r}: username with password, or token, not both")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, as status and the dashboard show it."""
+        return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
     retry_first_seconds: float = Field(2.0, gt=0, description="Wait after the first failed delivery.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between delivery attempts.")
 
@@ -314,8 +343,10 @@ class Config(Strict):
         for destination in self.destinations:
             if (destination.certificate is None) != (destination.private_key is None):
                 raise ValueError(f"destination {destination.name!r}: certificate and private_key go together")
-            if not destination.tls and (destination.ca or destination.certificate):
-                raise ValueError(f"destination {destination.name!r}: ca, certificate and private_key need tls = true")
+            secure = destination.tls or (destination.url or "").startswith("https://")
+            if not secure and (destination.ca or destination.certificate):
+                raise ValueError(f"destination {destination.name!r}: ca, certificate and private_key need tls = true "
+                                 "(or an https:// url)")
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique, got {names}")

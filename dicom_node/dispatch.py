@@ -1,4 +1,5 @@
-"""Dispatch: results to their destinations by C-STORE, with a delivery record per destination.
+"""Dispatch: results to their destinations by C-STORE or STOW-RS (`stow`), with a delivery
+record per destination.
 
 Each (result, destination) pair is one row, so a destination that is down only delays its
 own rows: it is retried with exponential backoff (``retry_first_seconds`` doubling up to
@@ -32,7 +33,7 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import Engine, select, update
 
-from dicom_node import tls
+from dicom_node import stow, tls
 from dicom_node.config import Config, Destination
 from dicom_node.state import db
 
@@ -83,6 +84,8 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
     a 300-frame SEG took longer to parse and re-encode than to send. Otherwise it is decoded
     and pynetdicom converts it to a syntax the peer accepted.
     """
+    if destination.type == "dicomweb":
+        return {path: _stored_by_stow(destination, path) for path in paths}
     outcome: dict[str, Outcome] = {}
     metas: dict[str, Dataset] = {}
     for path in paths:
@@ -116,6 +119,14 @@ def _send(config: Config, destination: Destination, paths: list[str]) -> dict[st
         if assoc.is_established:
             assoc.release()
     return outcome
+
+
+def _stored_by_stow(destination: Destination, path: str) -> Outcome:
+    try:
+        problem, permanent = stow.store(destination, path)
+    except FileNotFoundError:
+        return Outcome(f"the result's file {path} is gone", permanent=True)
+    return SENT if problem is None else Outcome(problem, permanent)
 
 
 def _send_one(assoc, path: str, meta: Dataset, accepted: set[tuple[str, str]], destination: Destination) -> Outcome:

@@ -88,3 +88,22 @@ def test_a_webhook_needs_an_http_url_and_known_events():
         Config.model_validate({"webhooks": [{"url": "https://x.example/", "events": ["study.started"]}]})
     hook = Config.model_validate({"webhooks": [{"url": "https://x.example/"}]}).webhooks[0]
     assert hook.events == ["study.done", "study.failed", "delivery.dead"]
+
+
+@pytest.mark.parametrize(("destination", "message"), [
+    ({"type": "dicomweb"}, "a dicomweb destination has a url"),
+    ({"type": "dicomweb", "url": "https://pacs/dicom-web", "ae_title": "PACS"}, "no ae_title, host, port or tls"),
+    ({"type": "dicomweb", "url": "https://pacs/dicom-web", "username": "node"}, "username with password, or token"),
+    ({"type": "dicomweb", "url": "https://pacs/dicom-web", "username": "node", "password": "p", "token": "t"},
+     "username with password, or token"),
+    ({"ae_title": "PACS", "host": "pacs", "port": 104, "url": "https://pacs"}, "no url"),
+    ({"ae_title": "PACS", "host": "pacs"}, "ae_title, host and port"),
+    ({"ae_title": "PACS", "host": "pacs", "port": 104, "ca": "ca.pem"}, "need tls = true"),
+    ({"type": "dicomweb", "url": "ftp://pacs"}, "should match pattern"),
+])
+def test_a_destination_is_either_dimse_or_dicomweb_and_complete(destination, message):
+    with pytest.raises(ValidationError, match=message):
+        Config.model_validate({"destinations": [{"name": "pacs", **destination}]})
+    web = Config.model_validate({"destinations": [{"name": "web", "type": "dicomweb", "url": "https://pacs/dicom-web",
+                                                   "token": "t", "ca": "ca.pem"}]})
+    assert web.destinations[0].address == "https://pacs/dicom-web"

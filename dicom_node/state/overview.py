@@ -295,8 +295,8 @@ def destination_health(engine: Engine, config: Config) -> list[dict]:
     for destination in config.destinations:
         states = {state: counts.get((destination.name, state), 0) for state in DELIVERY_STATES}
         health.append({
-            "name": destination.name, "ae_title": destination.ae_title, "host": destination.host,
-            "port": destination.port, **states, "last_sent_at": last_sent.get(destination.name),
+            "name": destination.name, "type": destination.type, "address": destination.address,
+            "ae_title": destination.ae_title, "host": destination.host, "port": destination.port, **states, "last_sent_at": last_sent.get(destination.name),
             "last_error": errors[destination.name],
             "healthy": states["dead"] == 0 and errors[destination.name] is None,
         })
