@@ -7,8 +7,10 @@ does not reach.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -18,9 +20,10 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from dicom_node import __version__
 from dicom_node.config import Config
-from dicom_node.http import api, dashboard
+from dicom_node.http import api, dashboard, stow
 from dicom_node.http.health import NodeProcesses, readiness
 from dicom_node.http.scrape import exposition, registry
+from dicom_node.ingest.receiver import Receiver
 
 SESSION_HOURS = 8
 
@@ -40,9 +43,18 @@ def session_key(data_dir: Path) -> str:
 
 
 def create_app(config: Config, engine: Engine, processes: NodeProcesses) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def receiving(app: FastAPI) -> AsyncIterator[None]:
+        """STOW-RS stores through a receiver of its own, in this process (`http.stow`)."""
+        app.state.stow_receiver = Receiver(config, engine)
+        try:
+            yield
+        finally:
+            app.state.stow_receiver.stop()
+
     app = FastAPI(title="dicom-node", version=__version__, openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None, description="Studies, jobs, results and deliveries of a dicom-node, and the "
-                  "operator's actions on them (docs/operations.md).")
+                  "operator's actions on them (docs/operations.md).", lifespan=receiving)
     app.state.config = config
     app.state.engine = engine
     app.state.processes = processes
@@ -74,5 +86,6 @@ def create_app(config: Config, engine: Engine, processes: NodeProcesses) -> Fast
         return RedirectResponse(f"/login?next={needed.back}", status_code=303)
 
     app.include_router(api.router)
+    app.include_router(stow.router)
     app.include_router(dashboard.router)
     return app

@@ -42,7 +42,7 @@ class HttpServer:
         app = create_app(config, engine, processes)
         self.listening = listening
         self.server = uvicorn.Server(uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", limit_concurrency=MAX_CONNECTIONS,
+            app, log_level="warning", access_log=False, lifespan="on", limit_concurrency=MAX_CONNECTIONS,
             timeout_keep_alive=KEEP_ALIVE_SECONDS, server_header=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listening]}, name="http",
                                        daemon=True)

@@ -9,6 +9,7 @@ baseline, the schema it holds, and upgraded in place.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +19,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect
 
 FOLDER = Path(__file__).parent / "migrations"
+log = logging.getLogger(__name__)
+# Alembic says at INFO, in every process that connects, which backend it found: noise in the
+# node's log. What was migrated is said here instead, once.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 BASELINE = "0001"
 # Held while PostgreSQL is migrated, so that processes starting at once migrate one at a time;
 # on SQLite the write lock that every transaction of the node takes does the same.
@@ -58,4 +63,6 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
             command.stamp(config, BASELINE)
             before = BASELINE
         command.upgrade(config, "head")
+    log.info("database schema %s revision %s", f"upgraded from revision {before} to" if before else "created at",
+             target)
     return before, target

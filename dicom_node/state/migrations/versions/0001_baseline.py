@@ -1,5 +1,5 @@
 """The schema as the node made it before migrations: what a database of that version holds,
-which `state.migrations` marks as this revision before upgrading it in place.
+which `state.migrate` marks as this revision before upgrading it in place.
 
 Revision ID: 0001
 """
