@@ -146,25 +146,6 @@ def test_a_rerun_makes_new_instances_that_supersede_the_old(tmp_path, node_port)
     assert status.count("(superseded)") == 2, status
 
 
-def test_a_database_from_before_supersedes_gains_the_column(tmp_path):
-    import sqlite3
-
-    from dicom_node.state import db
-
-    path = tmp_path / "old.sqlite"
-    engine = db.connect(f"sqlite:///{path}")
-    engine.dispose()
-    with sqlite3.connect(path) as old:  # the results table as it was before the column existed
-        old.executescript(
-            "CREATE TABLE results_before AS SELECT id, job_id, kind, sop_instance_uid, series_uid, path, "
-            "created_at FROM results; DROP TABLE results; ALTER TABLE results_before RENAME TO results;"
-        )
-        assert "supersedes" not in {row[1] for row in old.execute("PRAGMA table_info(results)")}
-    engine = db.connect(f"sqlite:///{path}")
-    with engine.connect() as connection:
-        assert "supersedes" in {c["name"] for c in db.inspect(connection).get_columns("results")}
-
-
 def test_a_multi_frame_source_with_its_pixel_measures_per_frame_gets_a_valid_seg_and_sr(tmp_path):
     """Siemens XA Enhanced MR gives Pixel Measures in each frame's functional groups, not in
     the shared ones; PS3.3 allows both, and the results are built from either."""
