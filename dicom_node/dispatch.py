@@ -214,14 +214,9 @@ def deliver_due(config: Config, engine: Engine, destination: Destination) -> int
 def _claim(config: Config, engine: Engine, rows: list) -> list:
     """Those of ``rows`` this node now holds: each taken only if its ``not_before`` is still
     what this node read, so that of two dispatchers, on two nodes, one sends it."""
-    until = db.now() + CLAIM_SECONDS
-    with engine.begin() as connection:
-        return [row for row in rows if connection.execute(
-            update(db.deliveries)
-            .where(db.deliveries.c.id == row.id, db.deliveries.c.state == "pending",
-                   db.deliveries.c.not_before == row.not_before)
-            .values(not_before=until, claimed_by=config.instance_name)
-        ).rowcount]
+    held = db.claim_due(engine, db.deliveries, [(row.id, row.not_before) for row in rows], db.now() + CLAIM_SECONDS,
+                        claimed_by=config.instance_name)
+    return [row for row in rows if row.id in held]
 
 
 def release_claims(config: Config, engine: Engine) -> int:

@@ -168,12 +168,9 @@ def _claim(engine: Engine, due) -> list:
     """The posts this node is to send: each taken by moving its not_before past the time a post
     may take, on the condition that no other node sharing the database took it first. A node
     that dies with a claim leaves the post to be sent once the claim runs out."""
-    until = db.now() + CLAIM_SECONDS
-    with engine.begin() as connection:
-        return [post for post in due if connection.execute(
-            update(db.webhook_posts).where(db.webhook_posts.c.id == post["id"], db.webhook_posts.c.state == "pending",
-                                           db.webhook_posts.c.not_before == post["not_before"])
-            .values(not_before=until)).rowcount]
+    held = db.claim_due(engine, db.webhook_posts, [(post["id"], post["not_before"]) for post in due],
+                        db.now() + CLAIM_SECONDS)
+    return [post for post in due if post["id"] in held]
 
 
 def _post(hook: Webhook, post) -> str | None:

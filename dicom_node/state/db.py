@@ -293,3 +293,14 @@ def log_event(connection, study_uid: str | None, level: str, message: str, actor
         events.insert().values(at=now(), study_uid=study_uid, level=level, message=message, actor=actor,
                                address=address)
     )
+
+
+def claim_due(engine: Engine, table: Table, due: list[tuple[int, float]], until: float, **values) -> set[int]:
+    """The ids of ``due`` (id, not_before as read) that this process now holds: each row's
+    not_before moved to ``until`` (with ``values``) on the condition that it is still pending
+    and still what was read, so that of the processes or nodes that read it as due, one takes
+    it. A holder that dies leaves the row to the others once ``until`` passes."""
+    with engine.begin() as connection:
+        return {row_id for row_id, not_before in due if connection.execute(
+            table.update().where(table.c.id == row_id, table.c.state == "pending", table.c.not_before == not_before)
+            .values(not_before=until, **values)).rowcount}
