@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dicom_node import tls
 from dicom_node.config import Destination
 
 TIMEOUT_SECONDS = 60.0
@@ -38,11 +39,7 @@ def request_headers(destination: Destination, boundary: str) -> dict[str, str]:
 
 
 def _context(destination: Destination) -> ssl.SSLContext | None:
-    if not destination.url.startswith("https://"):
-        return None
-    from dicom_node import tls
-
-    return tls.client_context(destination)
+    return tls.client_context(destination) if destination.url.startswith("https://") else None
 
 
 def store(destination: Destination, path: str) -> tuple[str | None, bool]:

@@ -42,6 +42,7 @@ REWRITTEN_AFTER_SECONDS = 1.0
 # would otherwise make every file look rewritten, and retention keep them all.
 RECENT_SECONDS = 600.0
 Part = Literal["instances", "results", "records"]
+FOLDERS = {"instances": ("studies",), "results": ("results",), "records": ("studies", "results")}  # under data_dir
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,7 @@ def apply(config: Config, engine: Engine, purge: Purge, planned_at: float) -> Pu
         size = _remove_unless_rewritten(path, recorded_at + REWRITTEN_AFTER_SECONDS, planned_at - RECENT_SECONDS)
         if size is not None:
             removed, freed = removed + 1, freed + size
-    for root in ("studies", "results") if purge.part == "records" else (
-            ("studies",) if purge.part == "instances" else ("results",)):
+    for root in FOLDERS[purge.part]:
         _remove_empty_folders(data_dir / root / purge.study_uid)
     megabytes = freed / 1e6
     with engine.begin() as connection:  # recorded once, by the node whose purge got here first
