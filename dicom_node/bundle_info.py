@@ -18,6 +18,7 @@ class BundleInfo:
     version: str
     labels: dict[int, str]  # output label value -> name, background excluded
     description: str
+    authors: str = ""  # who made the model: the algorithm's manufacturer in the results
 
 
 def read_bundle_info(bundle_dir: Path) -> BundleInfo:
@@ -36,4 +37,5 @@ def read_bundle_info(bundle_dir: Path) -> BundleInfo:
         version=str(metadata.get("version", "0")),
         labels=labels,
         description=str(metadata.get("description", "")),
+        authors=str(metadata.get("authors", "")),
     )

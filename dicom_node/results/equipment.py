@@ -1,12 +1,16 @@
-"""How the node describes itself in every object it creates."""
+"""How the node describes itself, and the model that made a result, in every object it creates."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
+import highdicom as hd
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node import __version__
+from dicom_node.bundle_info import BundleInfo
 
 MANUFACTURER = "dicom-node"
 MODEL_NAME = "dicom-node"
@@ -37,3 +41,18 @@ class Equipment:
     def device_uid(self) -> str:
         """Stable per node: the same AE title always yields the same device UID."""
         return generate_uid(entropy_srcs=["dicom-node device", self.ae_title])
+
+
+def algorithm_contribution(info: BundleInfo) -> hd.ContributingEquipment:
+    """The model as Contributing Equipment (processing equipment), as IHE AI Results asks of an
+    Evidence Creator: the General Equipment module names the node that wrote the object, and a
+    viewer or an audit that wants the algorithm behind it reads it here without parsing the
+    segment or SR content. The bundle's authors are its manufacturer."""
+    return hd.ContributingEquipment(
+        manufacturer=(info.authors or "unknown")[:64],
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=info.name[:64],
+        software_versions=info.version[:64],
+        contribution_datetime=datetime.now(),
+        contribution_description=f"automatic segmentation by the MONAI bundle {info.name} {info.version}"[:1024],
+    )

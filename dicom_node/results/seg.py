@@ -22,7 +22,7 @@ from dicom_node.compute.frames import GeometryError
 from dicom_node.compute.volume import Volume
 from dicom_node.results import file_bytes, seg_frames
 from dicom_node.results.codes import SegmentCodes, codes_for_label
-from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment
+from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment, algorithm_contribution
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ def _highdicom_seg(
         series_description=series_description[:64],
         content_label="SEGMENTATION",
         content_description=f"{info.name} {info.version}"[:64],
+        contributing_equipment=[algorithm_contribution(info)],
     )
 
 

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.bundle_info import BundleInfo
 from dicom_node.compute.volume import Volume
-from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment
+from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment, algorithm_contribution
 from dicom_node.results.seg import Segment
 
 MILLILITER = Code("mL", "UCUM", "milliliter")
@@ -115,6 +115,7 @@ def build_sr(
         is_complete=True,
         series_description=series_description[:64],
         previous_versions=previous_versions or None,
+        contributing_equipment=[algorithm_contribution(info)],
     )
     equipment.describe(sr)  # highdicom fills only the manufacturer of the equipment module
     return sr

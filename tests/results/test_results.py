@@ -31,7 +31,7 @@ PATIENT_AND_STUDY = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
     "StudyDescription",
 )
-INFO = BundleInfo("test model", "2.1", {1: "body", 2: "bone", 3: "liver"}, "")  # liver: never found
+INFO = BundleInfo("test model", "2.1", {1: "body", 2: "bone", 3: "liver"}, "", "MONAI team")  # liver: never found
 
 
 
@@ -57,7 +57,7 @@ def results(tmp_path):
     return volume, labels, images, paths
 
 
-def test_seg_and_sr_carry_the_source_patient_and_study_and_name_the_node(results):
+def test_seg_and_sr_carry_the_source_patient_and_study_and_name_the_node_and_the_algorithm(results):
     _, _, images, paths = results
     for path in paths.values():
         assert dciodvfy_errors(path) == [], path.name
@@ -68,6 +68,12 @@ def test_seg_and_sr_carry_the_source_patient_and_study_and_name_the_node(results
         assert dataset.DeviceSerialNumber == "NODE1" and dataset.SoftwareVersions
         if dataset.Modality == "SEG":
             assert dataset.FrameOfReferenceUID == images[0].FrameOfReferenceUID
+        # IHE AI Results: the algorithm as processing equipment, beside the node as the creator
+        [algorithm] = [item for item in dataset.ContributingEquipmentSequence
+                       if item.get("ManufacturerModelName") == INFO.name]
+        assert algorithm.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.ProcessingEquipment.value
+        assert (algorithm.Manufacturer, algorithm.SoftwareVersions) == ("MONAI team", "2.1"), path.name
+        assert algorithm.ContributionDateTime
     assert str(pydicom.dcmread(paths["seg"]).PatientName) == "Müller^Zoë"
 
 
