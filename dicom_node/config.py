@@ -147,6 +147,10 @@ class Destination(Strict):
         return self.url if self.type == "dicomweb" else f"{self.ae_title}@{self.host}:{self.port}"
     retry_first_seconds: float = Field(2.0, gt=0, description="Wait after the first failed delivery.")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest wait between delivery attempts.")
+    rejection_notes: bool = Field(
+        True, description="When a rerun replaces results this destination was sent, send it an IOCM rejection note "
+                          "(Key Object Selection, 'Rejected for Quality Reasons') naming the old SEG and SR."
+    )
 
 
 Scalar = str | int | float | bool

@@ -34,6 +34,7 @@ from dicom_node.compute.job_memory import give_back_freed_memory, reuse_freed_me
 from dicom_node.compute.prefetch import VolumePrefetch
 from dicom_node.compute.runtime.client import RuntimeBundle, RuntimeExited
 from dicom_node.compute.runtime.prepare import runtime_for, runtimes_dir
+from dicom_node.compute.superseded import Superseded, find_superseded
 from dicom_node.compute.volume import Volume, load_volume
 from dicom_node.config import Config, Pipeline
 from dicom_node.doorbell import Bell, Ringer
@@ -41,6 +42,7 @@ from dicom_node.results import file_bytes, load_standard_tables
 from dicom_node.results.codes import bundle_overrides
 from dicom_node.results.equipment import Equipment
 from dicom_node.results.outlines import build_outline_images
+from dicom_node.results.rejection import build_rejection_note
 from dicom_node.results.seg import Segment, build_seg, segments_of
 from dicom_node.results.seg_frames import scan_labels
 from dicom_node.results.sr import build_sr
@@ -115,7 +117,8 @@ class _Encoded:
     outputs: list[tuple[str, pydicom.Dataset, bytes]]  # (kind, dataset, file bytes)
     segments: list[Segment]
     unknown: list[str]  # labels sent with a generic code
-    previous: dict  # kind -> the result this one supersedes
+    previous: Superseded  # the results these replace
+    rejection_destinations: list[str]  # those told, by the rejection note among the outputs
 
 
 class Worker:
@@ -306,26 +309,6 @@ class Worker:
             ).all()
         return [Path(path) for (path,) in rows]
 
-    def _previous_results(self, job) -> dict:
-        """The newest SEG and SR made earlier for the same series, stack and pipeline.
-
-        Outline images are left out: a set of pictures has no counterpart image by image.
-        """
-        with db.reading(self.engine) as connection:
-            rows = connection.execute(
-                select(db.results.c.id, db.results.c.kind, db.results.c.sop_instance_uid, db.results.c.path)
-                .join(db.jobs, db.jobs.c.id == db.results.c.job_id)
-                .where(
-                    db.jobs.c.study_uid == job["study_uid"],
-                    db.jobs.c.series_uid == job["series_uid"],
-                    db.jobs.c.stack == job["stack"],
-                    db.jobs.c.pipeline == job["pipeline"],
-                    db.results.c.kind.in_(("SEG", "SR")),
-                )
-                .order_by(db.results.c.id)
-            ).all()
-        return {row.kind: row for row in rows}  # later rows overwrite earlier ones
-
     def _run(self, job, claim: jobs.Claim, pipeline: Pipeline) -> None:
         """The job's steps, each timed: volume, bundle, results' encoding, writing and recording."""
         timings: dict[str, float] = {}
@@ -373,10 +356,10 @@ class Worker:
             seg = None
             if any(segment.present for segment in segments):
                 seg = build_seg(volume, scanned, segments, bundle.info, self.equipment, series_number, f"SEG {description}")
-            previous = self._previous_results(job)
+            previous = find_superseded(self.engine, job)
             previous_sr = []
-            if "SR" in previous and Path(previous["SR"].path).exists():
-                previous_sr = [pydicom.dcmread(previous["SR"].path)]
+            if "SR" in previous.results and Path(previous.results["SR"].path).exists():
+                previous_sr = [pydicom.dcmread(previous.results["SR"].path)]
             sr = build_sr(volume, seg.dataset if seg is not None else None, segments, bundle.info, self.equipment,
                           series_number + 1, f"SR {description}", previous_sr)
             outputs = [("SR", sr, file_bytes(sr))]
@@ -385,13 +368,31 @@ class Worker:
                 if pipeline.outlines:
                     outputs += [("SC", image, file_bytes(image)) for image in build_outline_images(
                         volume, masks, segments, self.equipment, series_number + 2, f"Outlines {description}")]
+            told = self._rejection_note(job, previous, outputs, series_number + 3, description)
         except (GeometryError, MemoryError):
             raise
         except Exception as error:  # the same inputs would fail the same way: not retried
             log.exception("job %s: the results could not be built", job["id"])
             raise JobFailure(f"the results could not be built from this series ({type(error).__name__}: {error}); "
                              "the details are in the worker's log") from error
-        return _Encoded(outputs, segments, sorted({s.name for s in segments if not s.codes.known}), previous)
+        return _Encoded(outputs, segments, sorted({s.name for s in segments if not s.codes.known}), previous, told)
+
+    def _rejection_note(self, job, previous: Superseded, outputs: list, series_number: int, description: str) -> list[str]:
+        """Add to ``outputs`` the rejection note of the results they replace, for the destinations
+        that had those and take notes (`Destination.rejection_notes`); the destinations told."""
+        told = previous.rejection_destinations(self.config)
+        if not told:
+            return []
+        superseded = previous.headers()
+        if superseded is None:
+            with self.engine.begin() as connection:
+                db.log_event(connection, job["study_uid"], "warning",
+                             f"job {job['id']}: no rejection note for the results it replaces, whose files are gone")
+            return []
+        replacements = [dataset for kind, dataset, _ in outputs if kind in ("SEG", "SR")]
+        note = build_rejection_note(superseded, replacements, self.equipment, series_number, f"Rejected {description}")
+        outputs.append(("KO", note, file_bytes(note)))
+        return told
 
     def _write_and_record(self, job, claim: jobs.Claim, pipeline: Pipeline, encoded: _Encoded,
                           timings: dict[str, float]) -> None:
@@ -407,7 +408,7 @@ class Worker:
                 files.write_durably(path, data)
                 written.append((kind, dataset, path))
             timings["write"] = time.perf_counter() - writing
-            self._record(job, claim, pipeline, written, encoded.segments, encoded.unknown, encoded.previous, timings)
+            self._record(job, claim, pipeline, written, encoded, timings)
             metrics.observe_job(pipeline.name, timings)
             metrics.count_job_end(pipeline.name, "done")
         except BaseException as error:
@@ -418,10 +419,12 @@ class Worker:
                 return
             raise
 
-    def _record(self, job, claim: jobs.Claim, pipeline: Pipeline, written, segments, unknown: list[str],
-                previous: dict, timings: dict[str, float]) -> None:
+    def _record(self, job, claim: jobs.Claim, pipeline: Pipeline, written, encoded: _Encoded,
+                timings: dict[str, float]) -> None:
         """In one transaction fenced by the claim: the job done, its result rows and their
-        deliveries. A worker that lost its claim records nothing (`jobs.LeaseLost`)."""
+        deliveries (the rejection note's to the destinations it tells, the others' to the
+        pipeline's). A worker that lost its claim records nothing (`jobs.LeaseLost`)."""
+        previous = encoded.previous.results
         with self.engine.begin() as connection:
             jobs.finish(connection, job["id"], job["study_uid"], "done", None, claim)
             for kind, dataset, path in written:
@@ -436,15 +439,15 @@ class Worker:
                         supersedes=previous[kind].id if kind in previous else None,
                     )
                 ).inserted_primary_key[0]
-                for destination in pipeline.destinations:
+                for destination in encoded.rejection_destinations if kind == "KO" else pipeline.destinations:
                     connection.execute(
                         db.deliveries.insert().values(
                             result_id=result_id, destination=destination, state="pending", attempts=0, not_before=0.0
                         )
                     )
             study = job["study_uid"]
-            found = [f"{s.name} {s.voxel_count} voxels" for s in segments if s.present]
-            absent = [s.name for s in segments if not s.present]
+            found = [f"{s.name} {s.voxel_count} voxels" for s in encoded.segments if s.present]
+            absent = [s.name for s in encoded.segments if not s.present]
             summary = f"results of job {job['id']}: " + (", ".join(found) or "no label found")
             if absent:
                 summary += f"; absent: {', '.join(absent)}"
@@ -452,10 +455,12 @@ class Worker:
                 summary += "; they supersede " + ", ".join(
                     f"{kind} {row.sop_instance_uid}" for kind, row in sorted(previous.items())
                 )
+            if encoded.rejection_destinations:
+                summary += f"; a rejection note of those goes to {', '.join(encoded.rejection_destinations)}"
             db.log_event(connection, study, "info", summary)
-            if unknown:
+            if encoded.unknown:
                 db.log_event(connection, study, "warning",
-                             f"labels without a known code, sent with a generic one: {', '.join(unknown)}")
+                             f"labels without a known code, sent with a generic one: {', '.join(encoded.unknown)}")
             db.log_event(connection, study, "info", f"job {job['id']} timings: " +
                          ", ".join(f"{step} {seconds:.2f} s" for step, seconds in timings.items()))
 
