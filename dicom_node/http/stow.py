@@ -1,12 +1,13 @@
-"""STOW-RS in (PS3.18 10.5): `POST /dicom-web/studies` on the node's HTTP server, with the promise
-a C-STORE has.
+"""STOW-RS in (PS3.18 10.5): `POST /dicom-web/studies` and `POST /dicom-web/studies/{study}` on
+the node's HTTP server, with the promise a C-STORE has.
 
 Each instance of the request goes through the receiver's own path (`ingest.receiver`): the same
 checks (structure, UIDs, size, the disk's watermark), the same durable write and index, and an
 instance is reported stored only once it is, exactly as a C-STORE's Success. What is refused
 is reported in the Failed SOP Sequence with the status a C-STORE would have had (0xA700 Out of
-Resources, 0xC000 Cannot Understand, 0xA900 Data Set Does Not Match SOP Class), and the log
-names it. A request carries at most ``max_instance_mb``, read before anything is stored, so a
+Resources, 0xC000 Cannot Understand, 0xA900 Data Set Does Not Match SOP Class, which is also
+the answer for an instance of another study than the one a study-level request names), and the
+log names it. A request carries at most ``max_instance_mb``, read before anything is stored, so a
 request costs at most that much memory. Callers authenticate as for the API, with the operator
 role (a PACS or a gateway is given an API token).
 """
@@ -25,6 +26,7 @@ from pydicom import dcmread
 from dicom_node.http.auth import Account, requiring
 from dicom_node.ingest.acceptor import StoreRequest
 from dicom_node.ingest.receiver import Receiver
+from dicom_node.state.files import is_valid_uid
 
 router = APIRouter(prefix="/dicom-web")
 Sender = Annotated[Account, Depends(requiring("operator"))]
@@ -60,8 +62,9 @@ def parts(body: bytes, boundary: bytes) -> list[bytes]:
     return found
 
 
-def _store(receiver: Receiver, part: bytes, address: str) -> tuple[str, str, int]:
-    """(SOP class, SOP instance, status) of one Part 10 file, stored as a C-STORE would be."""
+def _store(receiver: Receiver, part: bytes, address: str, study_uid: str) -> tuple[str, str, int]:
+    """(SOP class, SOP instance, status) of one Part 10 file, stored as a C-STORE would be if it
+    belongs to ``study_uid`` (any study for "")."""
     if len(part) < PREAMBLE_AND_PREFIX + 12 or part[128:132] != b"DICM":
         return "", "", CANNOT_UNDERSTAND
     try:
@@ -72,7 +75,7 @@ def _store(receiver: Receiver, part: bytes, address: str) -> tuple[str, str, int
         syntax = str(meta.TransferSyntaxUID)
     except Exception:  # noqa: BLE001 - any unreadable meta is the sender's malformed file
         return "", "", CANNOT_UNDERSTAND
-    request = StoreRequest(CALLING_AE, address, sop_class, sop_instance, syntax)
+    request = StoreRequest(CALLING_AE, address, sop_class, sop_instance, syntax, study_uid=study_uid)
     return sop_class, sop_instance, receiver.store(request, part[meta_end:])
 
 
@@ -92,6 +95,19 @@ def _answer(results: list[tuple[str, str, int]]) -> dict:
 
 @router.post("/studies", summary="STOW-RS: store instances, answered once each is stored durably")
 async def store_instances(request: Request, _: Sender) -> Response:
+    return await _store_request(request, "")
+
+
+@router.post("/studies/{study}", summary="STOW-RS: store instances of one study; those of another are refused")
+async def store_study_instances(study: str, request: Request, _: Sender) -> Response:
+    if not is_valid_uid(study):
+        raise HTTPException(400, "the study in the path is not a valid UID")
+    return await _store_request(request, study)
+
+
+async def _store_request(request: Request, study_uid: str) -> Response:
+    """Read the whole body (bounded), store each part, and answer with what was stored and
+    what was refused: 200 all, 202 some, 409 none."""
     config = request.app.state.config
     limit = int(config.node.max_instance_mb * 1024 * 1024)
     boundary = _boundary(request.headers.get("content-type", ""))
@@ -103,7 +119,8 @@ async def store_instances(request: Request, _: Sender) -> Response:
                                      f"{config.node.max_instance_mb:g} MB")
     address = request.client.host if request.client else "unknown"
     receiver = request.app.state.stow_receiver
-    results = await run_in_threadpool(lambda: [_store(receiver, part, address) for part in parts(bytes(body), boundary)])
+    results = await run_in_threadpool(lambda: [_store(receiver, part, address, study_uid)
+                                                      for part in parts(bytes(body), boundary)])
     if not results:
         raise HTTPException(400, "the request holds no part")
     failures = sum(1 for _, _, status in results if status)

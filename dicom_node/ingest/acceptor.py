@@ -59,6 +59,7 @@ class StoreRequest:
     sop_instance_uid: str  # the command's Affected SOP Instance UID
     transfer_syntax: str
     context_sop_class_uid: str = ""  # the presentation context's abstract syntax; "" as the command's
+    study_uid: str = ""  # the study the data set must belong to (a study-level STOW-RS); "" for any
 
     @property
     def abstract_syntax(self) -> str:

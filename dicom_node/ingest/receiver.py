@@ -218,7 +218,8 @@ class Receiver:
     @staticmethod
     def _refusal(request: StoreRequest, header: InstanceHeader | None) -> tuple[int, str] | None:
         """The status and reason for a data set whose UIDs are missing, or do not agree with its
-        command and its presentation context (the file meta would contradict the data set)."""
+        command and its presentation context (the file meta would contradict the data set), or
+        with the study a STOW-RS request was addressed to."""
         if header is None:
             return CANNOT_UNDERSTAND, "SOP Class/Instance, Study or Series UID missing or not a valid UID"
         if request.sop_class_uid != request.abstract_syntax:
@@ -230,6 +231,9 @@ class Receiver:
         if header.sop_instance_uid != request.sop_instance_uid:
             return DATASET_DOES_NOT_MATCH_SOP_CLASS, (f"dataset SOP Instance UID {header.sop_instance_uid} is not "
                                                       f"the command's {request.sop_instance_uid}")
+        if request.study_uid and header.study_uid != request.study_uid:
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS, (f"dataset Study Instance UID {header.study_uid} is not the "
+                                                      f"request's {request.study_uid}")
         return None
 
     def _replaced(self, header: InstanceHeader, replaced: Replaced, peer: str) -> None:

@@ -1,10 +1,12 @@
 """STOW-RS in: Orthanc's DICOMweb client sends a study to the node's `POST /dicom-web/studies`,
 and the node sends its results back by STOW-RS: the whole loop without DIMSE. A part that is
-not a DICOM file is refused in the Failed SOP Sequence with the status a C-STORE would get."""
+not a DICOM file is refused in the Failed SOP Sequence with the status a C-STORE would get, and
+so is, at the study level, an instance of another study."""
 
 from __future__ import annotations
 
 import httpx
+import pydicom
 
 from tests.support.ct_study import DEMO_BUNDLE, small_study
 from tests.support.peers import free_port, start_node, start_orthanc, write_node_config
@@ -47,6 +49,23 @@ def test_a_study_goes_from_orthanc_to_the_node_and_back_by_dicomweb_alone(tmp_pa
             body, headers = multipart(b"DICM" * 40)
             assert httpx.post(f"{node.http_url}/dicom-web/studies", content=body, headers=headers,
                               timeout=60).status_code == 409
+
+            # study-level: an instance of another study is refused, by name, and not stored
+            _, others = small_study(tmp_path / "other", slices=2)
+            body, headers = multipart(paths[1].read_bytes(), others[0].read_bytes())
+            addressed = httpx.post(f"{node.http_url}/dicom-web/studies/{info.study_uid}", content=body,
+                                   headers=headers, timeout=60)
+            assert addressed.status_code == 202, addressed.text
+            answer = addressed.json()
+            assert len(answer["00081199"]["Value"]) == 1
+            [refused] = answer["00081198"]["Value"]
+            other_uid = pydicom.dcmread(others[0], stop_before_pixels=True).SOPInstanceUID
+            assert (refused["00081155"]["Value"], refused["00081197"]["Value"]) == ([other_uid], [0xA900])
+            assert node.query(f"SELECT count(*) FROM instances WHERE sop_instance_uid = '{other_uid}'") == [(0,)]
+            assert f"refused {other_uid} from STOW-RS@127.0.0.1: dataset Study Instance UID" in node.log()
+            assert httpx.post(f"{node.http_url}/dicom-web/studies/1.2.x", content=body, headers=headers,
+                              timeout=60).status_code == 400
+
             wrong = httpx.post(f"{node.http_url}/dicom-web/studies", content=b"x",
                                headers={"Content-Type": "application/json"}, timeout=60)
             assert wrong.status_code == 415
