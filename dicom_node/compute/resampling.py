@@ -152,14 +152,40 @@ class SeparableAffineTransform(AffineTransform):
 
 def _sample_axis(tensor: torch.Tensor, dim: int, plan: _AxisPlan) -> torch.Tensor:
     device = tensor.device
-    result = tensor.index_select(dim, plan.lower.to(device))
-    if plan.weights is not None and plan.upper is not None:
+    if plan.weights is None or plan.upper is None:
+        result = tensor.index_select(dim, plan.lower.to(device))
+    elif dim == 2:
+        result = _interpolate_planes(tensor, plan.lower, plan.upper, plan.weights)
+    else:
         shape = [1] * tensor.dim()
         shape[dim] = -1
         lower_weight, upper_weight = (w.to(device).view(shape) for w in plan.weights)
-        result.mul_(lower_weight).add_(tensor.index_select(dim, plan.upper.to(device)).mul_(upper_weight))
+        result = tensor.index_select(dim, plan.lower.to(device)).mul_(lower_weight)
+        result.add_(tensor.index_select(dim, plan.upper.to(device)).mul_(upper_weight))
     if plan.outside is not None:
         result.index_fill_(dim, torch.nonzero(plan.outside).flatten().to(device), 0)
+    return result
+
+
+def _interpolate_planes(
+    tensor: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Linear interpolation along the outermost spatial axis, one result plane at a time.
+
+    Along that axis whole planes are weighed, so each result plane is written once from its two
+    source planes while they are in cache. Selecting all lower and all upper planes first, as
+    along the other axes, made four passes over a result of a third of a gigabyte (a 300-slice
+    CT) and took most of the time of bringing a label map back to the source grid.
+    """
+    shape = list(tensor.shape)
+    shape[2] = len(lower)
+    result = tensor.new_empty(shape)
+    planes = zip(lower.tolist(), upper.tolist(), weights[0].tolist(), weights[1].tolist(), strict=True)
+    for index, (below, above, below_weight, above_weight) in enumerate(planes):
+        plane = result[:, :, index]
+        torch.mul(tensor[:, :, below], below_weight, out=plane)
+        if above_weight:
+            plane.add_(tensor[:, :, above], alpha=above_weight)
     return result
 
 
