@@ -27,7 +27,7 @@ from scripts.train import bundle_inference, bundle_parser, load_network, ras_aff
 
 REAL_CT = ROOT.parent / "shared" / "real-ct" / "siemens-abdomen"
 # On the real CT, measured on the committed weights (the bundle's README gives the numbers).
-REAL_CT_MINIMUM = {"body": 0.95, "bone": 0.6}
+REAL_CT_MINIMUM = {"body": 0.95, "bone": 0.75}
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
