@@ -42,6 +42,20 @@ class Equipment:
         """Stable per node: the same AE title always yields the same device UID."""
         return generate_uid(entropy_srcs=["dicom-node device", self.ae_title])
 
+    def observer(self, model_name: str) -> hd.sr.ObserverContext:
+        """The node as the device observer of a document it wrote (an SR's findings, a
+        rejection note's request); ``model_name`` says what acted: a model, or the node itself."""
+        return hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=self.device_uid,
+                name=f"{MODEL_NAME} {self.ae_title}"[:64],
+                manufacturer_name=MANUFACTURER,
+                model_name=model_name[:64],
+                serial_number=self.serial_number,
+            ),
+        )
+
 
 def algorithm_contribution(info: BundleInfo) -> hd.ContributingEquipment:
     """The model as Contributing Equipment (processing equipment), as IHE AI Results asks of an

@@ -28,16 +28,7 @@ def build_rejection_note(
     """The note rejecting ``superseded`` (their headers, as stored), which ``replacements``
     replace. It joins their study, with its own series, and is written by the node as a device
     observer, as IOCM's Change Requester."""
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=equipment.device_uid,
-            name=f"{MODEL_NAME} {equipment.ae_title}"[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=MODEL_NAME,
-            serial_number=equipment.serial_number,
-        ),
-    )
+    observer = equipment.observer(MODEL_NAME)
     replaced_by = ", ".join(f"{ds.Modality} {ds.SOPInstanceUID}" for ds in replacements)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.RejectedForQualityReasons,

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.bundle_info import BundleInfo
 from dicom_node.compute.volume import Volume
-from dicom_node.results.equipment import MANUFACTURER, MODEL_NAME, Equipment, algorithm_contribution
+from dicom_node.results.equipment import MANUFACTURER, Equipment, algorithm_contribution
 from dicom_node.results.seg import Segment
 
 MILLILITER = Code("mL", "UCUM", "milliliter")
@@ -80,16 +80,7 @@ def build_sr(
     reports this one replaces (the same series and pipeline run before): they are listed as its
     Predecessor Documents, so that a reader of the new report can tell it is a revision.
     """
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=equipment.device_uid,
-            name=f"{MODEL_NAME} {equipment.ae_title}"[:64],
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{info.name} {info.version}"[:64],
-            serial_number=equipment.serial_number,
-        ),
-    )
+    observer = equipment.observer(f"{info.name} {info.version}")
     algorithm = hd.sr.AlgorithmIdentification(
         name=info.name[:64], version=info.version[:64], family=codes.DCM.ArtificialIntelligence
     )
