@@ -28,6 +28,8 @@ from sqlalchemy import (
     event,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from dicom_node.state import migrate
 
@@ -293,6 +295,18 @@ def log_event(connection, study_uid: str | None, level: str, message: str, actor
         events.insert().values(at=now(), study_uid=study_uid, level=level, message=message, actor=actor,
                                address=address)
     )
+
+
+def upsert(connection: Connection, table: Table, key: dict, values: dict) -> None:
+    """Insert the row of ``key``, or update it with ``values`` if it exists, in one statement.
+
+    An update followed by an insert when nothing was updated races: two workers of several
+    hosts checking the same pipeline at their start both find no row, and the second insert
+    fails on the primary key. Both backends the node runs on have ``ON CONFLICT DO UPDATE``.
+    """
+    dialect_insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(table).values(**key, **values)
+    connection.execute(statement.on_conflict_do_update(index_elements=list(key), set_=values))
 
 
 def claim_due(engine: Engine, table: Table, due: list[tuple[int, float]], until: float, **values) -> set[int]:

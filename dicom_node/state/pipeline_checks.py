@@ -18,9 +18,7 @@ def record(engine: Engine, pipeline: str, reason: str | None, worker: str) -> in
     with the reason; returns how many."""
     with engine.begin() as connection:
         values = {"ready": int(reason is None), "reason": reason, "worker": worker, "checked_at": db.now()}
-        if connection.execute(update(db.pipeline_checks).where(db.pipeline_checks.c.pipeline == pipeline)
-                              .values(**values)).rowcount == 0:
-            connection.execute(db.pipeline_checks.insert().values(pipeline=pipeline, **values))
+        db.upsert(connection, db.pipeline_checks, {"pipeline": pipeline}, values)
         if reason is None:
             return 0
         queued = connection.execute(select(db.jobs.c.id, db.jobs.c.study_uid).where(
