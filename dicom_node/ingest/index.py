@@ -123,10 +123,14 @@ def _insert(table, conflict: str, update: bool) -> TextClause:
 
 _STORED = text("SELECT sha256, study_uid, path FROM instances WHERE sop_instance_uid = :sop_instance_uid")
 _STUDY_STATE = text("SELECT state, instances_purged_at FROM studies WHERE study_uid = :study_uid")
+# Two nodes on one database can both find no row for a study whose first instances reach
+# them at once: the second insert then waits for the first and only moves its clock on.
 _NEW_STUDY = text(
     "INSERT INTO studies (study_uid, patient_id, patient_name, accession_number, study_date, study_description, "
     "state, first_received_at, last_received_at) VALUES (:study_uid, :patient_id, :patient_name, "
-    ":accession_number, :study_date, :study_description, 'receiving', :received_at, :received_at)"
+    ":accession_number, :study_date, :study_description, 'receiving', :received_at, :received_at) "
+    "ON CONFLICT (study_uid) DO UPDATE SET last_received_at = CASE WHEN excluded.last_received_at > "
+    "studies.last_received_at THEN excluded.last_received_at ELSE studies.last_received_at END"
 )
 _STUDY_RECEIVING = text(
     "UPDATE studies SET state = 'receiving', reason = NULL, last_received_at = :received_at "
