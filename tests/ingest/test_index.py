@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from sqlalchemy import select
@@ -10,6 +9,7 @@ from sqlalchemy import select
 from dicom_node.ingest.driver_connection import DriverConnection
 from dicom_node.ingest.index import InstanceHeader, InstanceIndex, instance_row
 from dicom_node.state import db
+from tests.support.races import second_writer_while_the_first_is_open
 
 STUDY = "1.2.826.0.1.3680043.8.498.7001"
 SERIES = "1.2.826.0.1.3680043.8.498.7001.1"
@@ -33,21 +33,16 @@ def test_two_nodes_indexing_the_first_instances_of_one_study_at_once_both_store(
     engine = db.connect(database_url)
     connections = [DriverConnection(engine) for _ in range(2)]
     nodes = [InstanceIndex(connection, "reprocess") for connection in connections]
-    errors: list[Exception] = []
 
     def second_node() -> None:
-        try:
-            with connections[1].transaction() as cursor:
-                nodes[1].record(cursor, *_first_instance_of_a_new_study(2))
-        except Exception as error:  # noqa: BLE001 - the test reports whatever the race raises
-            errors.append(error)
+        with connections[1].transaction() as cursor:
+            nodes[1].record(cursor, *_first_instance_of_a_new_study(2))
 
-    with connections[0].transaction() as cursor:
-        nodes[0].record(cursor, *_first_instance_of_a_new_study(1))
-        second = threading.Thread(target=second_node)
-        second.start()
-        second.join(timeout=1.0)  # it waits for the first: on the key (PostgreSQL), the write lock (SQLite)
-    second.join(timeout=30)
+    errors = second_writer_while_the_first_is_open(
+        connections[0].transaction(),
+        lambda cursor: nodes[0].record(cursor, *_first_instance_of_a_new_study(1)),
+        second_node,
+    )
     assert errors == []
     with db.reading(engine) as connection:
         instances = connection.execute(select(db.instances.c.sop_instance_uid)).scalars().all()

@@ -13,6 +13,7 @@ import threading
 from sqlalchemy import insert, select
 
 from dicom_node.state import db, pipeline_checks
+from tests.support.races import second_writer_while_the_first_is_open
 
 
 def _study(uid: str) -> dict:
@@ -63,21 +64,13 @@ def test_two_workers_recording_the_same_pipeline_check_at_once_both_succeed(data
     row is not yet committed, the second finds none to update; an insert then fails on the key
     (PostgreSQL), and the worker died of it before it ever ran a job."""
     engine = db.connect(database_url)
-    errors: list[Exception] = []
-
-    def second_worker() -> None:
-        try:
-            pipeline_checks.record(engine, "ct-demo", None, "worker-b")
-        except Exception as error:  # noqa: BLE001 - the test reports whatever the race raises
-            errors.append(error)
-
-    with engine.begin() as first_worker:
-        db.upsert(first_worker, db.pipeline_checks, {"pipeline": "ct-demo"},
-                  {"ready": 0, "reason": "not yet", "worker": "worker-a", "checked_at": db.now()})
-        second = threading.Thread(target=second_worker)
-        second.start()
-        second.join(timeout=1.0)  # it waits for the first: on the key (PostgreSQL), the write lock (SQLite)
-    second.join(timeout=30)
+    errors = second_writer_while_the_first_is_open(
+        engine.begin(),
+        lambda first_worker: db.upsert(first_worker, db.pipeline_checks, {"pipeline": "ct-demo"},
+                                       {"ready": 0, "reason": "not yet", "worker": "worker-a",
+                                        "checked_at": db.now()}),
+        lambda: pipeline_checks.record(engine, "ct-demo", None, "worker-b"),
+    )
     assert errors == []
     with db.reading(engine) as connection:
         rows = connection.execute(select(db.pipeline_checks.c.worker, db.pipeline_checks.c.ready)).all()
